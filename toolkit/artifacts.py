@@ -1,0 +1,137 @@
+"""Content-hashed stage artefacts: a stage's output directory is named by a hash of everything it depends on.
+
+A key is sha256 over (stage name, config slice, upstream keys, code and library versions). A hit loads, a miss
+computes into a temporary directory that is renamed only when complete, so an interrupted stage is never reused
+(unlike the reference's "file exists, so skip", dino_qpm.md §2.0). Every artefact directory holds a
+`manifest.json`: stage, key, config slice, upstream keys, versions, metrics and wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit import __version__
+
+MANIFEST = "manifest.json"
+# Bump when a stage's maths changes in a way that invalidates artefacts made by older code.
+CODE_VERSION = "1"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics the artefacts depend on."""
+    import timm
+    import torch
+
+    return {"toolkit": __version__, "code": CODE_VERSION, "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__}
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot hash {type(obj).__name__}")
+
+
+def content_key(stage: str, config: Any, upstream: dict[str, str] | None = None, extra: Any = None) -> str:
+    """Stable hex key of a stage's inputs (config slice, upstream artefact keys, anything else it reads)."""
+    payload = {"stage": stage, "config": config, "upstream": upstream or {}, "extra": extra,
+               "versions": library_versions()}
+    blob = json.dumps(payload, sort_keys=True, default=_jsonable).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+@dataclass
+class Manifest:
+    """What an artefact directory holds and how it was made."""
+
+    stage: str
+    key: str
+    config: Any
+    upstream: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def write(self, directory: Path) -> None:
+        text = json.dumps(dataclasses.asdict(self), indent=2, default=_jsonable)
+        (directory / MANIFEST).write_text(text)
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        return cls(**json.loads((directory / MANIFEST).read_text()))
+
+
+def get_or_run(
+    root: Path,
+    stage: str,
+    key: str,
+    build: Callable[[Path], dict[str, Any]],
+    *,
+    config: Any,
+    upstream: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Path, Manifest, bool]:
+    """Return the artefact directory for `key`, building it with `build(tmp_dir) -> metrics` on a miss.
+
+    Returns:
+        (directory, manifest, hit): `hit` is True when nothing was computed.
+    """
+    final = Path(root) / stage / key
+    if (final / MANIFEST).is_file():
+        if log:
+            log(f"{stage}: cached ({final})")
+        return final, Manifest.read(final), True
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per key across processes (concurrent sweep trials, ranks): the others wait, then load.
+    with open(final.parent / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / MANIFEST).is_file():
+            if log:
+                log(f"{stage}: built by another process ({final})")
+            return final, Manifest.read(final), True
+        # Temp name in the same folder so the rename is atomic; the manifest is written last, so a directory
+        # without one is incomplete by construction and is never loaded.
+        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        t0 = time.perf_counter()
+        try:
+            metrics = build(tmp) or {}
+            manifest = Manifest(stage=stage, key=key, config=config, upstream=upstream or {}, metrics=metrics,
+                                seconds=round(time.perf_counter() - t0, 3))
+            manifest.write(tmp)
+            if final.exists():  # a stale, incomplete directory from a crash
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if log:
+        log(f"{stage}: built in {manifest.seconds:.1f}s ({final})")
+    return final, manifest, False
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
+    os.replace(tmp, path)

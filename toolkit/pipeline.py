@@ -1,0 +1,151 @@
+"""The stage graph: tokens -> linear probe | dense -> QP -> fine-tune -> evaluation, every stage content-hashed.
+
+`run_pipeline(cfg)` chains the stages through `toolkit.artifacts` (a stage whose inputs did not change is loaded,
+not recomputed) and writes a run directory that explains itself:
+    config.yaml     the fully resolved configuration
+    manifest.json   per stage: artefact key and directory, whether it was cached, seconds, metrics
+    metrics.json    linear_probe / dense / qpm accuracies (+ interpretability metrics) and the QP certificate
+    checkpoint/     the self-contained DINO-QPM model (safetensors + JSON)
+    log.txt         what the console printed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from toolkit import __version__
+from toolkit.artifacts import write_json
+from toolkit.backbone import Backbone, create_backbone
+from toolkit.cache import TokenStore, build_tokens
+from toolkit.config import RunConfig, save_config, to_dict
+from toolkit.data import load_dataset
+from toolkit.dense import DenseResult, TrainContext, run_dense, run_probe
+from toolkit.finetune import SelectionResult, run_finetune, run_selection
+from toolkit.runtime import (Console, DistInfo, TorchEngine, barrier, deepspeed_requested, init_distributed,
+                             resolve_device, resolve_precision)
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    stages: dict[str, dict[str, Any]]
+    backbone_builds: int  # how many times the backbone was constructed (0 when every token store was cached)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def prepare_run_dir(cfg: RunConfig, info: DistInfo) -> Path:
+    """The run directory; refuses to reuse a directory that holds a different configuration."""
+    name = cfg.runtime.run_name or f"{cfg.data.dataset}-{config_hash(cfg)}"
+    run_dir = Path(cfg.runtime.output_dir) / name
+    resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    old = run_dir / "config.yaml"
+    if old.is_file() and old.read_text() != resolved:
+        raise FileExistsError(f"{run_dir} already holds a run with a different config; nothing was overwritten. "
+                              "Choose another runtime.run_name (or runtime.output_dir), or delete that directory.")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, old)
+    barrier()
+    return run_dir
+
+
+def make_engine_factory(cfg: RunConfig, device: Any, precision: str) -> Any:
+    if deepspeed_requested(cfg.runtime):
+        from toolkit._deepspeed import DeepSpeedEngine
+
+        return lambda module, tcfg, steps, name: DeepSpeedEngine(module=module, cfg=tcfg, runtime=cfg.runtime,
+                                                                   total_steps=steps, device=device,
+                                                                   precision=precision)
+    return lambda module, tcfg, steps, name: TorchEngine(module=module, cfg=tcfg, total_steps=steps, device=device,
+                                                         grad_accum=cfg.runtime.grad_accum, precision=precision)
+
+
+def run_pipeline(cfg: RunConfig, *, until: str = "evaluate") -> PipelineResult:
+    """Run every stage (or up to `until`: tokens, dense, qp, finetune, evaluate) and write the run directory."""
+    info = init_distributed(cfg.runtime)
+    run_dir = prepare_run_dir(cfg, info)
+    console = Console(enabled=cfg.runtime.progress, log_file=run_dir / "log.txt")
+    device = resolve_device(cfg.runtime)
+    precision = resolve_precision(cfg.runtime, device)
+    console.log(f"world_size={info.world_size} backend={info.backend} device={device} precision={precision} "
+                f"toolkit={__version__} run_dir={run_dir}")
+    root = Path(cfg.cache.root)
+    ctx = TrainContext(console=console, device=device, seed=cfg.runtime.seed, grad_accum=cfg.runtime.grad_accum,
+                       make_engine=make_engine_factory(cfg, device, precision),
+                       checkpoint_every=cfg.runtime.checkpoint_every, resume=cfg.runtime.resume)
+    stages: dict[str, dict[str, Any]] = {}
+    builds = [0]
+    backbone: list[Backbone] = []
+
+    def get_backbone() -> Backbone:
+        if not backbone:
+            builds[0] += 1
+            backbone.append(create_backbone(cfg.backbone, cfg.data.image_size).to(device))
+        return backbone[0]
+
+    def record(name: str, directory: Path, key: str, metrics: dict[str, Any], t0: float) -> None:
+        stages[name] = {"key": key, "directory": str(directory), "seconds": round(time.perf_counter() - t0, 3),
+                        "metrics": metrics}
+        if info.is_main:
+            write_json(run_dir / "manifest.json", {"config_hash": config_hash(cfg), "stages": stages})
+
+    stores: dict[str, TokenStore] = {}
+    for split in ("train", "test"):
+        t0 = time.perf_counter()
+        dataset = load_dataset(cfg.data, split)
+        stores[split] = build_tokens(cfg.data, cfg.backbone, cfg.cache, split, dataset,
+                                     get_backbone=get_backbone, console=console)
+        record(f"tokens_{split}", stores[split].directory, stores[split].key, {"images": len(dataset)}, t0)
+    meta = {"classes": stores["train"].classes, "backbone": cfg.backbone.name,
+            "weights_hash": stores["train"].meta["weights"], "image_size": cfg.data.image_size,
+            "mean": stores["train"].meta["mean"], "std": stores["train"].meta["std"],
+            "reference_minmax": cfg.data.reference_minmax, "dataset_variant": stores["train"].meta["variant"],
+            "config_hash": config_hash(cfg), "toolkit_version": __version__}
+    metrics: dict[str, Any] = {}
+    if until != "tokens":
+        t0 = time.perf_counter()
+        probe_dir, probe_metrics = run_probe(train=stores["train"], test=stores["test"], cfg=cfg.probe, ctx=ctx,
+                                             root=root, meta=meta)
+        record("probe", probe_dir, probe_dir.name, probe_metrics, t0)
+        metrics["linear_probe"] = {"accuracy": probe_metrics["accuracy"]}
+        t0 = time.perf_counter()
+        dense: DenseResult = run_dense(train=stores["train"], test=stores["test"], adapter=cfg.adapter,
+                                       cfg=cfg.dense, ctx=ctx, root=root, meta=meta)
+        record("dense", dense.directory, dense.key, dense.metrics, t0)
+        metrics["dense"] = {"accuracy": dense.metrics["accuracy"]}
+    if until not in ("tokens", "dense"):
+        t0 = time.perf_counter()
+        sel: SelectionResult = run_selection(dense=dense, cfg=cfg.qp, root=root, ctx=ctx)
+        record("qp", sel.directory, sel.key, {"objective": sel.selection.objective}, t0)
+        metrics["qp"] = json.loads(sel.selection.to_json())
+        for k in ("selected", "assignment", "weight"):
+            metrics["qp"].pop(k, None)
+    if until in ("finetune", "evaluate"):
+        t0 = time.perf_counter()
+        ft_dir, ft_metrics = run_finetune(dense=dense, selection=sel, train=stores["train"], test=stores["test"],
+                                          adapter=cfg.adapter, cfg=cfg.finetune, ctx=ctx, root=root, meta=meta)
+        record("finetune", ft_dir, ft_dir.name, ft_metrics, t0)
+        metrics["qpm"] = {"accuracy": ft_metrics["accuracy"],
+                          "accuracy_before_finetune": ft_metrics["accuracy_before_finetune"]}
+        if info.is_main:
+            if (run_dir / "checkpoint").exists():
+                shutil.rmtree(run_dir / "checkpoint")
+            shutil.copytree(ft_dir / "checkpoint", run_dir / "checkpoint")
+    if info.is_main:
+        write_json(run_dir / "metrics.json", metrics)
+        console.log("metrics: " + json.dumps({k: v.get("accuracy") for k, v in metrics.items()
+                                              if isinstance(v, dict) and "accuracy" in v}))
+    barrier()
+    return PipelineResult(run_dir=run_dir, metrics=metrics, stages=stages, backbone_builds=builds[0])
