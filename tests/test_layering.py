@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Data flows down this list; config/artifacts/runtime are the foundation every module may use.
-ORDER = ["config", "artifacts", "runtime", "_deepspeed", "_datasets", "data", "_imgfocus", "backbone", "cache",
+ORDER = ["config", "runtime", "_deepspeed", "artifacts", "_datasets", "data", "_imgfocus", "backbone", "cache",
          "adapter", "model", "losses", "checkpoint", "loop", "dense", "qp_inputs", "qp", "finetune", "metrics",
          "explain", "evaluate", "pipeline"]
 APPS = ("launch", "tune", "export")

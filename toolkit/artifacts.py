@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from toolkit import __version__
+from toolkit.runtime import barrier, broadcast_object, dist_info, distributed
 
 MANIFEST = "manifest.json"
 # Bump when a stage's maths changes in a way that invalidates artefacts made by older code.
@@ -97,34 +98,73 @@ def get_or_run(
         (directory, manifest, hit): `hit` is True when nothing was computed.
     """
     final = Path(root) / stage / key
+    if distributed():
+        return _get_or_run_ranks(final, stage, key, build, config=config, upstream=upstream, log=log)
     if (final / MANIFEST).is_file():
         if log:
             log(f"{stage}: cached ({final})")
         return final, Manifest.read(final), True
     final.parent.mkdir(parents=True, exist_ok=True)
-    # One builder per key across processes (concurrent sweep trials, ranks): the others wait, then load.
+    # One builder per key across processes (concurrent sweep trials): the others wait, then load.
     with open(final.parent / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / MANIFEST).is_file():
             if log:
                 log(f"{stage}: built by another process ({final})")
             return final, Manifest.read(final), True
-        # Temp name in the same folder so the rename is atomic; the manifest is written last, so a directory
-        # without one is incomplete by construction and is never loaded.
-        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = _new_tmp(final)
         t0 = time.perf_counter()
         try:
             metrics = build(tmp) or {}
-            manifest = Manifest(stage=stage, key=key, config=config, upstream=upstream or {}, metrics=metrics,
-                                seconds=round(time.perf_counter() - t0, 3))
-            manifest.write(tmp)
-            if final.exists():  # a stale, incomplete directory from a crash
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            manifest = _publish(tmp, final, stage, key, config, upstream, metrics, t0)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    if log:
+        log(f"{stage}: built in {manifest.seconds:.1f}s ({final})")
+    return final, manifest, False
+
+
+def _new_tmp(final: Path) -> Path:
+    # Temp name in the same folder so the rename is atomic; the manifest is written last, so a directory without
+    # one is incomplete by construction and is never loaded.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, final: Path, stage: str, key: str, config: Any, upstream: dict[str, str] | None,
+             metrics: dict[str, Any], t0: float) -> Manifest:
+    manifest = Manifest(stage=stage, key=key, config=config, upstream=upstream or {}, metrics=metrics,
+                        seconds=round(time.perf_counter() - t0, 3))
+    manifest.write(tmp)
+    if final.exists():  # a stale, incomplete directory left by a crash
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return manifest
+
+
+def _get_or_run_ranks(
+    final: Path, stage: str, key: str, build: Callable[[Path], dict[str, Any]], *, config: Any,
+    upstream: dict[str, str] | None, log: Callable[[str], None] | None,
+) -> tuple[Path, Manifest, bool]:
+    """Distributed variant: every rank runs `build` together (training needs all ranks), in rank 0's temp
+    directory on the shared filesystem; `build` writes files on rank 0 only; rank 0 publishes."""
+    info = dist_info()
+    hit = broadcast_object((final / MANIFEST).is_file() if info.is_main else None)
+    if hit:
+        if log:
+            log(f"{stage}: cached ({final})")
+        return final, Manifest.read(final), True
+    tmp = broadcast_object(_new_tmp(final) if info.is_main else None)
+    t0 = time.perf_counter()
+    metrics = build(tmp) or {}
+    barrier()
+    if info.is_main:
+        _publish(tmp, final, stage, key, config, upstream, metrics, t0)
+    barrier()
+    manifest = Manifest.read(final)
     if log:
         log(f"{stage}: built in {manifest.seconds:.1f}s ({final})")
     return final, manifest, False

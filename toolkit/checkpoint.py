@@ -14,20 +14,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from toolkit.adapter import TokenMLP
 from toolkit.config import AdapterConfig
-from toolkit.model import DenseHead, DinoQPM, LinearProbe, SparseHead
+from toolkit.model import DinoQPM, LinearProbe, SparseHead, build_dense_model
 
 FORMAT = "dinoqpm-checkpoint/1"
-
-
-def build_model(*, adapter: AdapterConfig, embed_dim: int, n_classes: int, grid: tuple[int, int],
-                dropout: float) -> DinoQPM:
-    """A dense DINO-QPM model (token MLP + dense head) for tokens of width `embed_dim` on an `grid` patch grid."""
-    mlp = TokenMLP(in_dim=embed_dim, hidden_dim=adapter.hidden_dim, out_dim=adapter.n_features,
-                   n_layers=adapter.n_layers, batch_norm=adapter.batch_norm, activation=adapter.activation)
-    return DinoQPM(adapter=mlp, head=DenseHead(n_features=adapter.n_features, n_classes=n_classes,
-                                                dropout=dropout), grid=grid)
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, *, kind: str, adapter: AdapterConfig | None,
@@ -64,12 +54,10 @@ def load_checkpoint(directory: str | Path) -> tuple[torch.nn.Module, dict[str, A
     if info["kind"] == "probe":
         model: torch.nn.Module = LinearProbe(in_dim=info["embed_dim"], n_classes=info["n_classes"], dropout=0.0)
     else:
-        model = build_model(adapter=AdapterConfig(**info["adapter"]), embed_dim=info["embed_dim"],
-                            n_classes=info["n_classes"], grid=grid, dropout=0.0)
+        model = build_dense_model(AdapterConfig(**info["adapter"]), in_dim=info["embed_dim"],
+                                  n_classes=info["n_classes"], dropout=0.0, grid=grid)
         if info["kind"] == "qpm":
-            head = SparseHead(selection=state["head.selection"], weight=state["head.weight"],
-                              mean=state["head.mean"], std=state["head.std"])
-            model = model.to_sparse(head)
+            model = model.to_sparse(SparseHead.from_state_dict(state, prefix="head."))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

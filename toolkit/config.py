@@ -45,6 +45,7 @@ class DataConfig:
         for name in ("train_per_class", "test_per_class"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"data.{name}", f"must be a positive integer or null, got {v}")
+        _check(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
         _check(self.num_classes >= 2, "data.num_classes", f"must be >= 2, got {self.num_classes}")
 
 
@@ -56,8 +57,17 @@ class BackboneConfig:
     # (random init; tests only).
     weights: str = "hub"
     batch_size: int = 32  # images per backbone forward during token extraction
+    # Architecture overrides for a tiny random-init ViT (tests, benchmarks); only with weights=none.
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+
+    def arch_overrides(self) -> dict[str, int]:
+        return {k: v for k in ("depth", "embed_dim", "num_heads") if (v := getattr(self, k)) is not None}
 
     def __post_init__(self) -> None:
+        _check(not self.arch_overrides() or self.weights == "none", "backbone.depth",
+               "architecture overrides (depth, embed_dim, num_heads) only work with backbone.weights=none")
         _check("dinov2" in self.name, "backbone.name",
                f"must be a timm DINOv2 name such as vit_small_patch14_dinov2 or vit_base_patch14_reg4_dinov2, "
                f"got {self.name!r}")
@@ -183,6 +193,9 @@ class RuntimeConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Training engine: auto = DeepSpeed when started by the deepspeed launcher, plain torch (DDP) otherwise.
     engine: Literal["auto", "deepspeed", "torch"] = "auto"
+    # DeepSpeed JSON template (launch/ds_config.json); batch sizes, accumulation, ZeRO stage and bf16 are always
+    # filled in from this config, so the two never disagree. None = the built-in equivalent of that template.
+    deepspeed_config: str | None = None
     checkpoint_every: int = 0  # save a resumable checkpoint every N optimizer steps (0 = at stage ends only)
     resume: bool = False
     collective_timeout_s: int = 600  # a rank that dies makes the others fail after this, never hang

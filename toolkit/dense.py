@@ -1,11 +1,12 @@
 """Stages that train on the token cache: the dense DINO-QPM model and the linear-probe baseline.
 
-dense: TokenStore(train, test) -> DenseResult (adapter + dense head, pooled train features, per-feature mean/std).
-probe: TokenStore(train, test) -> a linear classifier on the frozen CLS token (dino_qpm.md §2.6), the baseline.
+dense: Split(train, test) -> DenseResult (adapter + dense head, pooled train features, per-feature mean/std).
+probe: Split(train, test) -> a linear classifier on the frozen CLS token (dino_qpm.md §2.6), the baseline.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,13 +18,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from toolkit.artifacts import content_key, get_or_run, write_json
-from toolkit.cache import TokenDataset, TokenStore
-from toolkit.checkpoint import build_model, load_checkpoint, save_checkpoint
+from toolkit.cache import LiveSplit, TokenStore
+from toolkit.checkpoint import load_checkpoint, save_checkpoint
 from toolkit.config import AdapterConfig, DenseConfig, ProbeConfig, TrainConfig
 from toolkit.loop import Outputs, evaluate, fit, micro_batch_size
-from toolkit.model import DinoQPM, LinearProbe
+from toolkit.model import DinoQPM, LinearProbe, build_dense_model
 from toolkit.runtime import Console, Engine, dist_info, seed_everything
 
+Split = TokenStore | LiveSplit  # cached tokens, or images with the backbone in the loop (cache.mode=live)
 EngineFactory = Callable[[nn.Module, TrainConfig, int, str], Engine]  # (module, cfg, total_steps, stage) -> Engine
 
 
@@ -39,6 +41,8 @@ class TrainContext:
     checkpoint_every: int = 0
     resume: bool = False
     eval_batch_size: int = 64
+    backbone: nn.Module | None = None  # live mode only: the frozen backbone that turns images into tokens
+    on_epoch: Callable[[str, dict[str, float]], None] | None = None  # (stage, epoch metrics) after each epoch
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,21 @@ class DenseResult:
         return np.load(self.directory / "std.npy")
 
 
-def train_model(model: nn.Module, train: TokenStore, cfg: TrainConfig, ctx: TrainContext, *, name: str,
+def work_dir(root: Path, stage: str, key: str) -> Path:
+    """Where a stage keeps its resumable training checkpoints until its artefact is published."""
+    return root / stage / f".work-{key}"
+
+
+def drop_work_dir(root: Path, stage: str, key: str) -> None:
+    if dist_info().is_main:
+        shutil.rmtree(work_dir(root, stage, key), ignore_errors=True)
+
+
+def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainContext, *, name: str,
                 work: Path) -> list[dict[str, float]]:
-    """Train `model` in place on the cached train split through an engine; resumable from `work/resume`."""
+    """Train `model` in place on the train split through an engine; resumable from `work/resume`."""
     micro = micro_batch_size(cfg, grad_accum=ctx.grad_accum, key=name)
-    dataset: Dataset = TokenDataset(train)
+    dataset: Dataset = train.dataset()
     steps_per_epoch = -(-len(dataset) // (micro * dist_info().world_size) // ctx.grad_accum)
     engine = ctx.make_engine(model, cfg, max(1, steps_per_epoch * cfg.epochs), name)
     resume_dir = work / "resume"
@@ -87,12 +101,15 @@ def train_model(model: nn.Module, train: TokenStore, cfg: TrainConfig, ctx: Trai
     def checkpoint(engine: Engine, state: dict[str, Any]) -> None:
         engine.save(resume_dir, state)
 
-    return fit(engine, dataset, cfg, micro_batch=micro, seed=ctx.seed, backbone=None, console=ctx.console,
-               name=name, resume=resume, checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
-               every=ctx.checkpoint_every)
+    history = fit(engine, dataset, cfg, micro_batch=micro, seed=ctx.seed, backbone=ctx.backbone,
+                  console=ctx.console, name=name, resume=resume,
+                  checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
+                  every=ctx.checkpoint_every, on_epoch=ctx.on_epoch)
+    model.float()  # bf16 engines leave bf16 parameters; evaluation and checkpoints are fp32
+    return history
 
 
-def run_dense(*, train: TokenStore, test: TokenStore, adapter: AdapterConfig, cfg: DenseConfig, ctx: TrainContext,
+def run_dense(*, train: Split, test: Split, adapter: AdapterConfig, cfg: DenseConfig, ctx: TrainContext,
               root: Path, meta: dict[str, Any]) -> DenseResult:
     """Train the dense model (adapter + dense head, CE + feature-diversity loss) and pool its train features."""
     key = content_key("dense", {"adapter": asdict(adapter), "dense": asdict(cfg), "seed": ctx.seed},
@@ -100,15 +117,17 @@ def run_dense(*, train: TokenStore, test: TokenStore, adapter: AdapterConfig, cf
 
     def build(tmp: Path) -> dict[str, Any]:
         seed_everything(ctx.seed)
-        model = build_model(adapter=adapter, embed_dim=train.meta["embed_dim"], n_classes=len(train.classes),
-                            grid=train.grid, dropout=cfg.dropout)
-        history = train_model(model, train, cfg, ctx, name="dense", work=root / "dense" / f".work-{key}")
+        model = build_dense_model(adapter, in_dim=train.meta["embed_dim"], n_classes=len(train.classes),
+                                  dropout=cfg.dropout, grid=train.grid)
+        history = train_model(model, train, cfg, ctx, name="dense", work=work_dir(root, "dense", key))
         model = model.to(ctx.device)
-        tr = evaluate(model, TokenDataset(train), batch_size=ctx.eval_batch_size, device=ctx.device,
-                      console=ctx.console, desc="dense features (train)")
-        te = evaluate(model, TokenDataset(test), batch_size=ctx.eval_batch_size, device=ctx.device,
-                      console=ctx.console, desc="dense eval (test)")
+        tr = evaluate(model, train.dataset(), batch_size=ctx.eval_batch_size, device=ctx.device,
+                      backbone=ctx.backbone, console=ctx.console, desc="dense features (train)")
+        te = evaluate(model, test.dataset(), batch_size=ctx.eval_batch_size, device=ctx.device,
+                      backbone=ctx.backbone, console=ctx.console, desc="dense eval (test)")
         assert tr.features is not None
+        if not dist_info().is_main:  # every rank trained and evaluated; rank 0 alone writes
+            return {}
         np.save(tmp / "train_features.npy", tr.features.astype(np.float32))
         np.save(tmp / "train_labels.npy", tr.labels)
         # Population statistics over the train set, in eval mode (dino_qpm.md §1.8); frozen in the sparse head.
@@ -122,10 +141,11 @@ def run_dense(*, train: TokenStore, test: TokenStore, adapter: AdapterConfig, cf
     directory, manifest, _ = get_or_run(root, "dense", key, build, config={"adapter": asdict(adapter),
                                         "dense": asdict(cfg)}, upstream={"train": train.key, "test": test.key},
                                         log=ctx.console.log)
+    drop_work_dir(root, "dense", key)
     return DenseResult(directory, key, manifest.metrics)
 
 
-def run_probe(*, train: TokenStore, test: TokenStore, cfg: ProbeConfig, ctx: TrainContext, root: Path,
+def run_probe(*, train: Split, test: Split, cfg: ProbeConfig, ctx: TrainContext, root: Path,
               meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Train the linear probe on the frozen CLS token of the same cache; returns (directory, metrics)."""
     key = content_key("probe", {"probe": asdict(cfg), "seed": ctx.seed}, {"train": train.key, "test": test.key})
@@ -134,8 +154,11 @@ def run_probe(*, train: TokenStore, test: TokenStore, cfg: ProbeConfig, ctx: Tra
         seed_everything(ctx.seed)
         d = train.meta["embed_dim"]
         model = LinearProbe(in_dim=d, n_classes=len(train.classes), dropout=cfg.dropout)
-        history = train_model(model, train, cfg, ctx, name="probe", work=root / "probe" / f".work-{key}")
-        te = evaluate(model.to(ctx.device), TokenDataset(test), batch_size=ctx.eval_batch_size, device=ctx.device)
+        history = train_model(model, train, cfg, ctx, name="probe", work=work_dir(root, "probe", key))
+        te = evaluate(model.to(ctx.device), test.dataset(), batch_size=ctx.eval_batch_size, device=ctx.device,
+                      backbone=ctx.backbone)
+        if not dist_info().is_main:
+            return {}
         save_checkpoint(tmp / "checkpoint", model, kind="probe", adapter=None, embed_dim=d,
                         n_classes=len(train.classes), grid=train.grid, meta=meta)
         write_json(tmp / "history.json", history)
@@ -143,9 +166,11 @@ def run_probe(*, train: TokenStore, test: TokenStore, cfg: ProbeConfig, ctx: Tra
 
     directory, manifest, _ = get_or_run(root, "probe", key, build, config={"probe": asdict(cfg)},
                                         upstream={"train": train.key, "test": test.key}, log=ctx.console.log)
+    drop_work_dir(root, "probe", key)
     return directory, manifest.metrics
 
 
-def test_outputs(model: nn.Module, store: TokenStore, ctx: TrainContext) -> Outputs:
+def test_outputs(model: nn.Module, store: Split, ctx: TrainContext) -> Outputs:
     """Logits and pooled features of `model` on a cached split."""
-    return evaluate(model.to(ctx.device), TokenDataset(store), batch_size=ctx.eval_batch_size, device=ctx.device)
+    return evaluate(model.to(ctx.device), store.dataset(), batch_size=ctx.eval_batch_size, device=ctx.device,
+                    backbone=ctx.backbone)

@@ -14,14 +14,13 @@ import numpy as np
 import torch
 
 from toolkit.artifacts import content_key, get_or_run, write_json
-from toolkit.cache import TokenStore
 from toolkit.checkpoint import load_checkpoint, save_checkpoint
 from toolkit.config import AdapterConfig, FinetuneConfig, QPConfig
-from toolkit.dense import DenseResult, TrainContext, test_outputs, train_model
+from toolkit.dense import DenseResult, Split, TrainContext, drop_work_dir, test_outputs, train_model, work_dir
 from toolkit.model import DinoQPM, SparseHead
 from toolkit.qp import Selection, solve_qp
 from toolkit.qp_inputs import correlation_A, save_inputs, similarity_R
-from toolkit.runtime import seed_everything
+from toolkit.runtime import broadcast_object, dist_info, seed_everything
 
 
 @dataclass(frozen=True)
@@ -31,18 +30,22 @@ class SelectionResult:
     selection: Selection
 
 
-def run_selection(*, dense: DenseResult, cfg: QPConfig, root: Path, ctx: TrainContext) -> SelectionResult:
+def run_selection(*, dense: DenseResult, n_classes: int, cfg: QPConfig, root: Path,
+                  ctx: TrainContext) -> SelectionResult:
     """Compute A and R from the dense model's pooled train features and solve the QPM problem."""
     key = content_key("qp", asdict(cfg), {"dense": dense.key})
 
     def build(tmp: Path) -> dict[str, Any]:
-        feats, labels = dense.train_features, dense.train_labels
-        n_classes = int(dense.model().head.weight.shape[0])
-        A = correlation_A(feats, labels, n_classes)
-        R = similarity_R(A)
-        save_inputs(tmp / "inputs.npz", A, R)
-        sel = solve_qp(A, R, cfg, log=ctx.console.log)
-        (tmp / "selection.json").write_text(sel.to_json())
+        # Solved once, on rank 0; the other ranks receive the same selection (one model on every rank).
+        sel = None
+        if dist_info().is_main:
+            feats, labels = dense.train_features, dense.train_labels
+            A = correlation_A(feats, labels, n_classes)
+            R = similarity_R(A)
+            save_inputs(tmp / "inputs.npz", A, R)
+            sel = solve_qp(A, R, cfg, log=ctx.console.log)
+            (tmp / "selection.json").write_text(sel.to_json())
+        sel = broadcast_object(sel)
         return {k: getattr(sel, k) for k in ("objective", "bound", "gap", "status", "seconds", "solver", "tau",
                                                "lazy_rounds")}
 
@@ -60,7 +63,7 @@ def sparse_model(dense: DenseResult, selection: Selection) -> DinoQPM:
     return dense.model().to_sparse(head)
 
 
-def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: TokenStore, test: TokenStore,
+def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: Split, test: Split,
                  adapter: AdapterConfig, cfg: FinetuneConfig, ctx: TrainContext, root: Path,
                  meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Fine-tune the whole adapter under the sparse head (CE + diversity + sparsity); returns (dir, metrics)."""
@@ -71,8 +74,10 @@ def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: Token
         seed_everything(ctx.seed)
         model = sparse_model(dense, selection.selection)
         before = test_outputs(model, test, ctx).accuracy
-        history = train_model(model, train, cfg, ctx, name="finetune", work=root / "finetune" / f".work-{key}")
+        history = train_model(model, train, cfg, ctx, name="finetune", work=work_dir(root, "finetune", key))
         after = test_outputs(model, test, ctx).accuracy
+        if not dist_info().is_main:
+            return {}
         save_checkpoint(tmp / "checkpoint", model, kind="qpm", adapter=adapter, embed_dim=train.meta["embed_dim"],
                         n_classes=len(train.classes), grid=train.grid, meta=meta)
         write_json(tmp / "history.json", history)
@@ -81,6 +86,7 @@ def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: Token
 
     directory, manifest, _ = get_or_run(root, "finetune", key, build, config={"finetune": asdict(cfg)},
                                         upstream={"dense": dense.key, "qp": selection.key}, log=ctx.console.log)
+    drop_work_dir(root, "finetune", key)
     return directory, manifest.metrics
 
 

@@ -42,6 +42,12 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, 
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user module inside a DDP or DeepSpeed wrapper (both keep it as `.module`)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def batch_tokens(batch: dict[str, torch.Tensor], backbone: nn.Module | None,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(patch (B, P, D), cls (B, D)) from a cached batch, or from the backbone in live mode."""
@@ -57,7 +63,7 @@ def batch_tokens(batch: dict[str, torch.Tensor], backbone: nn.Module | None,
 def forward_loss(model: nn.Module, patch: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor,
                  cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """Loss, its logged parts and the logits of one batch, for a DinoQPM or a LinearProbe."""
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    core = unwrap(model)
     if isinstance(core, LinearProbe):
         logits = model(cls)
         loss = cross_entropy(logits, labels)
@@ -132,7 +138,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
     """Logits (and pooled features) of every sample; each rank does a share and all ranks get the full result."""
     info = dist_info()
     model.eval()
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    core = unwrap(model)
     indices = list(range(info.rank, len(dataset), info.world_size))  # no padding, unlike DistributedSampler
     subset = torch.utils.data.Subset(dataset, indices)
     collate = _identity if isinstance(dataset, TokenDataset) else None
@@ -183,13 +189,15 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
         backbone: nn.Module | None, console: Console, name: str,
         resume: Callable[[Engine], dict[str, Any] | None] | None = None,
         checkpoint: Callable[[Engine, dict[str, Any]], None] | None = None,
-        every: int = 0) -> list[dict[str, float]]:
+        every: int = 0, on_epoch: Callable[[str, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Train for `cfg.epochs`, optionally resuming from and writing resumable checkpoints.
 
     Args:
         resume: returns the client state of the last complete checkpoint (loading it into the engine), or None.
         checkpoint: writes a resumable checkpoint with the given client state.
         every: also checkpoint every this many micro-steps (0 = at epoch ends only).
+        on_epoch: called on every rank after each epoch (and its checkpoint) with (name, that epoch's history
+            entry); sweeps use it to report progress to a scheduler.
     """
     state = resume(engine) if resume else None
     history: list[dict[str, float]] = list(state["history"]) if state else []
@@ -199,8 +207,8 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
     for epoch in range(start, cfg.epochs):
         loader = make_loader(train, batch_size=micro_batch, shuffle=True, seed=seed, epoch=epoch)
 
-        def on_step(step: int, epoch: int = epoch) -> None:
-            if checkpoint and every and step % every == 0 and step < len(loader):
+        def on_step(step: int, epoch: int = epoch, n_steps: int = len(loader)) -> None:
+            if checkpoint and every and step % every == 0 and step < n_steps:
                 checkpoint(engine, {"epoch": epoch, "step": step, "history": history})
 
         metrics = train_epoch(engine, loader, cfg, backbone=backbone, console=console,
@@ -211,4 +219,6 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
                     + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if checkpoint:
             checkpoint(engine, {"epoch": epoch + 1, "step": 0, "history": history})
+        if on_epoch is not None:
+            on_epoch(name, history[-1])
     return history

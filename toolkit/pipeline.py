@@ -11,26 +11,36 @@ not recomputed) and writes a run directory that explains itself:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from toolkit import __version__
 from toolkit.artifacts import write_json
 from toolkit.backbone import Backbone, create_backbone
-from toolkit.cache import TokenStore, build_tokens
-from toolkit.config import RunConfig, save_config, to_dict
+from toolkit.cache import build_tokens, live_split
+from toolkit.config import RunConfig, load_config, save_config, to_dict
 from toolkit.data import load_dataset
-from toolkit.dense import DenseResult, TrainContext, run_dense, run_probe
+from toolkit.dense import DenseResult, Split, TrainContext, run_dense, run_probe
+from toolkit.evaluate import evaluate_run
 from toolkit.finetune import SelectionResult, run_finetune, run_selection
-from toolkit.runtime import (Console, DistInfo, TorchEngine, barrier, deepspeed_requested, init_distributed,
-                             resolve_device, resolve_precision)
+from toolkit.runtime import (
+    Console,
+    DistInfo,
+    TorchEngine,
+    barrier,
+    deepspeed_requested,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 
 
 @dataclass
@@ -41,17 +51,27 @@ class PipelineResult:
     backbone_builds: int  # how many times the backbone was constructed (0 when every token store was cached)
 
 
+# Settings that change how a run executes, not what it computes: a resumed run is the same run.
+_EXECUTION_ONLY = ("resume", "progress")
+
+
+def _identity(cfg: RunConfig) -> dict[str, Any]:
+    d = to_dict(cfg)
+    for k in _EXECUTION_ONLY:
+        d["runtime"].pop(k)
+    return d
+
+
 def config_hash(cfg: RunConfig) -> str:
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(_identity(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def prepare_run_dir(cfg: RunConfig, info: DistInfo) -> Path:
     """The run directory; refuses to reuse a directory that holds a different configuration."""
     name = cfg.runtime.run_name or f"{cfg.data.dataset}-{config_hash(cfg)}"
     run_dir = Path(cfg.runtime.output_dir) / name
-    resolved = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     old = run_dir / "config.yaml"
-    if old.is_file() and old.read_text() != resolved:
+    if old.is_file() and _identity(load_config(old)) != _identity(cfg):
         raise FileExistsError(f"{run_dir} already holds a run with a different config; nothing was overwritten. "
                               "Choose another runtime.run_name (or runtime.output_dir), or delete that directory.")
     if info.is_main:
@@ -72,8 +92,12 @@ def make_engine_factory(cfg: RunConfig, device: Any, precision: str) -> Any:
                                                          grad_accum=cfg.runtime.grad_accum, precision=precision)
 
 
-def run_pipeline(cfg: RunConfig, *, until: str = "evaluate") -> PipelineResult:
-    """Run every stage (or up to `until`: tokens, dense, qp, finetune, evaluate) and write the run directory."""
+def run_pipeline(cfg: RunConfig, *, until: str = "evaluate",
+                 on_epoch: Callable[[str, dict[str, float]], None] | None = None) -> PipelineResult:
+    """Run every stage (or up to `until`: tokens, dense, qp, finetune, evaluate) and write the run directory.
+
+    `on_epoch(stage, metrics)` is called after each training epoch that actually runs (not for cached stages).
+    """
     info = init_distributed(cfg.runtime)
     run_dir = prepare_run_dir(cfg, info)
     console = Console(enabled=cfg.runtime.progress, log_file=run_dir / "log.txt")
@@ -84,7 +108,8 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate") -> PipelineResult:
     root = Path(cfg.cache.root)
     ctx = TrainContext(console=console, device=device, seed=cfg.runtime.seed, grad_accum=cfg.runtime.grad_accum,
                        make_engine=make_engine_factory(cfg, device, precision),
-                       checkpoint_every=cfg.runtime.checkpoint_every, resume=cfg.runtime.resume)
+                       checkpoint_every=cfg.runtime.checkpoint_every, resume=cfg.runtime.resume,
+                       on_epoch=on_epoch)
     stages: dict[str, dict[str, Any]] = {}
     builds = [0]
     backbone: list[Backbone] = []
@@ -92,7 +117,9 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate") -> PipelineResult:
     def get_backbone() -> Backbone:
         if not backbone:
             builds[0] += 1
-            backbone.append(create_backbone(cfg.backbone, cfg.data.image_size).to(device))
+            seed_everything(cfg.runtime.seed)  # random-init backbones (weights=none) depend on it
+            backbone.append(create_backbone(cfg.backbone, cfg.data.image_size,
+                                            model_kwargs=cfg.backbone.arch_overrides()).to(device))
         return backbone[0]
 
     def record(name: str, directory: Path, key: str, metrics: dict[str, Any], t0: float) -> None:
@@ -101,13 +128,19 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate") -> PipelineResult:
         if info.is_main:
             write_json(run_dir / "manifest.json", {"config_hash": config_hash(cfg), "stages": stages})
 
-    stores: dict[str, TokenStore] = {}
+    stores: dict[str, Split] = {}
     for split in ("train", "test"):
         t0 = time.perf_counter()
         dataset = load_dataset(cfg.data, split)
-        stores[split] = build_tokens(cfg.data, cfg.backbone, cfg.cache, split, dataset,
+        if cfg.cache.mode == "live":
+            stores[split] = live_split(cfg.data, cfg.backbone, split, dataset, seed=cfg.runtime.seed,
+                                       backbone=get_backbone())
+            continue
+        stores[split] = build_tokens(cfg.data, cfg.backbone, cfg.cache, split, dataset, seed=cfg.runtime.seed,
                                      get_backbone=get_backbone, console=console)
         record(f"tokens_{split}", stores[split].directory, stores[split].key, {"images": len(dataset)}, t0)
+    if cfg.cache.mode == "live":
+        ctx = dataclasses.replace(ctx, backbone=get_backbone())
     meta = {"classes": stores["train"].classes, "backbone": cfg.backbone.name,
             "weights_hash": stores["train"].meta["weights"], "image_size": cfg.data.image_size,
             "mean": stores["train"].meta["mean"], "std": stores["train"].meta["std"],
@@ -127,7 +160,8 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate") -> PipelineResult:
         metrics["dense"] = {"accuracy": dense.metrics["accuracy"]}
     if until not in ("tokens", "dense"):
         t0 = time.perf_counter()
-        sel: SelectionResult = run_selection(dense=dense, cfg=cfg.qp, root=root, ctx=ctx)
+        sel: SelectionResult = run_selection(dense=dense, n_classes=len(stores["train"].classes), cfg=cfg.qp,
+                                             root=root, ctx=ctx)
         record("qp", sel.directory, sel.key, {"objective": sel.selection.objective}, t0)
         metrics["qp"] = json.loads(sel.selection.to_json())
         for k in ("selected", "assignment", "weight"):
@@ -145,6 +179,8 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate") -> PipelineResult:
             shutil.copytree(ft_dir / "checkpoint", run_dir / "checkpoint")
     if info.is_main:
         write_json(run_dir / "metrics.json", metrics)
+        if until == "evaluate" and cfg.cache.mode == "cached":  # interpretability metrics read the token cache
+            metrics = evaluate_run(run_dir, console=console)
         console.log("metrics: " + json.dumps({k: v.get("accuracy") for k, v in metrics.items()
                                               if isinstance(v, dict) and "accuracy" in v}))
     barrier()

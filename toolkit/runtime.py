@@ -11,6 +11,7 @@ import datetime
 import os
 import random
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's `obj` on every rank (identity for a single process)."""
+    if not distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -147,11 +161,15 @@ class Console:
                     yield x
                     bar.advance(task)
             return
-        step = max(1, (total or 0) // 4)
+        # Plain lines (logs, CI): at most one every 10 s, so short loops stay silent and long ones show life.
+        t0 = last = time.monotonic()
         for i, x in enumerate(items, 1):
             yield x
-            if total and (i % step == 0 or i == total):
-                print(f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {desc}: {i}/{total}", flush=True)
+            now = time.monotonic()
+            if now - last >= 10:
+                last = now
+                print(f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {desc}: {i}/{total or '?'} "
+                      f"({i / (now - t0):.1f}/s)", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ engines
@@ -167,6 +185,50 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self) -> None: ...
+
+    def save(self, directory: Path, client_state: dict[str, Any]) -> None: ...
+
+    def load(self, directory: Path) -> dict[str, Any]: ...
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+class TorchEngine:
+    """Plain-torch engine: AdamW + schedule, gradient accumulation, DDP when several processes run."""
+
+    def __init__(self, *, module: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device,
+                 grad_accum: int = 1, precision: str = "fp32") -> None:
+        module.to(device)
+        self.device = device
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.raw = module
+        self.module = module
+        if dist_info().world_size > 1:
+            self.module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = make_optimizer(module, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
+        self.grad_accum = grad_accum
+        self._micro = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self._micro += 1
+        if self._micro % self.grad_accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
 
     def save(self, directory: Path, client_state: dict[str, Any]) -> None:
         """Write a resumable checkpoint; `latest` is written last, so a half-written one is never loaded."""

@@ -7,7 +7,8 @@ The reference fits sklearn's `GaussianMixture` without a random_state, so its nu
 (dino_qpm.md §7). Here the EM is a small numpy implementation, vectorised over features, whose first start is
 deterministic: the exact (globally optimal) 1-D 2-means split of the sorted column. Further starts (`n_init > 1`)
 use responsibilities drawn from `np.random.default_rng(seed)`; the start with the highest log-likelihood wins per
-feature. Reruns with the same inputs and seed therefore agree bit for bit. The stopping rule and the variance
+feature. Reruns with the same inputs and seed therefore agree bit for bit, and each column is fitted as if alone
+(converged columns are frozen while the rest of their block iterates). The stopping rule and the variance
 floor copy sklearn's defaults (tol 1e-3 on the mean log-likelihood, max_iter 100, reg_covar 1e-6 added to every
 variance), so the fits are comparable to the reference's.
 """
@@ -73,15 +74,20 @@ def _e_step(x: np.ndarray, weights: np.ndarray, means: np.ndarray, var: np.ndarr
 
 def _run_em(x: np.ndarray, params: tuple[np.ndarray, np.ndarray, np.ndarray], *, max_iter: int, tol: float,
             reg_covar: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """EM from `params` until every column's mean log-likelihood changes by less than `tol` (or max_iter)."""
+    """EM from `params`; each column stops once its mean log-likelihood changes by less than `tol` (or max_iter).
+
+    Converged columns are frozen, so a column's fit does not depend on which other columns share its block.
+    """
     weights, means, var = params
     resp, ll = _e_step(x, weights, means, var)
+    active = np.ones(x.shape[1], dtype=bool)
     for _ in range(max_iter):
-        weights, means, var = _m_step(x, resp, reg_covar)
+        new = _m_step(x, resp, reg_covar)
+        weights, means, var = (np.where(active[:, None], n, o) for n, o in zip(new, (weights, means, var)))
         resp, new_ll = _e_step(x, weights, means, var)
-        done = np.all(np.abs(new_ll - ll) < tol)
+        active &= np.abs(new_ll - ll) >= tol
         ll = new_ll
-        if done:
+        if not active.any():
             break
     return weights, means, var, ll
 
@@ -95,7 +101,7 @@ def fit_gmm_1d(features: Any, *, seed: int = 0, n_init: int = 1, max_iter: int =
         seed: seeds the random starts 2..n_init (the first start is deterministic).
         n_init: number of starts; the one with the highest log-likelihood is kept per column.
         max_iter: EM iterations per start.
-        tol: stop once every column's mean log-likelihood changes by less than this.
+        tol: a column stops once its mean log-likelihood changes by less than this (sklearn's rule).
         reg_covar: added to each variance (absolute, as in sklearn), so a constant column stays finite.
 
     Returns:

@@ -1,0 +1,125 @@
+"""`solve_qp`: pre-checks, tau, heuristic, certified bound, MILP, verification -> `Selection`.
+
+Time budget (cfg.time_limit, seconds, for everything after the pre-checks): the greedy and the first local-search
+descents always finish; iterated local search gets up to 10 % of the budget, the Lagrangian bound runs until 40 %
+(all of it with the heuristic solver), the MILP gets what is left. The MILP is skipped when the heuristic is
+already proven within cfg.mip_gap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from toolkit.config import QPConfig
+from toolkit.qp._checks import QPVerificationError, check_inputs, check_solver_name, rel_gap
+from toolkit.qp.backends import Backend, resolve_backend
+from toolkit.qp.bound import dual_bound
+from toolkit.qp.certificate import Selection, verify, weight_matrix
+from toolkit.qp.heuristic import Candidate, finish, local_search, run_heuristic
+from toolkit.qp.milp import solve_milp
+from toolkit.qp.problem import Problem, build_problem, input_sha256
+from toolkit.qp.threshold import choose_tau
+from toolkit.qp_inputs import similarity_R
+
+_ILS_SHARE = 0.10
+_BOUND_SHARE = 0.40
+_BOUND_SLACK = 1e-5  # a bound below the objective by more than this (relative) means a bug, not rounding
+
+
+def _polish(problem: Problem, cand: Candidate, deadline: float) -> Candidate:
+    """Local search plus distinctness-aware polishing from another method's selection."""
+    sel, v = local_search(problem, cand.selected, deadline)
+    out = finish(problem, sel, v, deadline, f"{cand.source}+ls")
+    return out if out.value > cand.value else cand
+
+
+def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
+             log: Callable[[str], None] | None = None) -> Selection:
+    """Select k features and assign m to each class with pairwise different sets, with a certificate.
+
+    Args:
+        A: (F, C) feature-class correlation (max|A| = 1; see toolkit.qp_inputs.correlation_A).
+        R: (F, F) feature similarity, read on its upper triangle; None = cosine of A's rows (similarity_R).
+        cfg: k, m, tau (None = clique rule), redundancy weight, solver, time limit and gap.
+        log: progress lines (e.g. a console's log); silent if None.
+
+    Returns:
+        The verified answer with objective, valid upper bound, gap, status and provenance.
+
+    Raises:
+        QPInputError, QPInfeasibleError: before any solving, for malformed inputs or impossible settings.
+        QPSolverError: the requested solver is unavailable.
+    """
+    say = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    solver = check_solver_name(cfg.solver)
+    a, r = check_inputs(A, R, cfg)
+    backend: Backend | None = None if solver == "heuristic" else resolve_backend(solver)
+    r = similarity_R(a) if r is None else r
+    k, m = cfg.n_features, cfg.n_per_class
+    starts: list[np.ndarray] = []
+    if cfg.redundancy_threshold is None:
+        th = choose_tau(r, k)
+        tau, starts = th.tau, [th.compatible]
+        say(f"qp: tau = {tau:.6g} (lowest threshold with {k} pairwise-compatible features, {th.probes} probes)")
+    else:
+        tau = float(cfg.redundancy_threshold)
+    problem = build_problem(a, r, k=k, m=m, tau=tau, w=cfg.redundancy_weight)
+    budget = cfg.time_limit
+    say(f"qp: F={problem.n_features} C={problem.n_classes} k={k} m={m}, {len(problem.pw)} penalised pairs")
+
+    t1 = time.perf_counter()
+    best = run_heuristic(problem, starts, t0 + _ILS_SHARE * budget)
+    t_heur = time.perf_counter() - t1
+    heuristic_value = best.value
+    say(f"qp: heuristic {best.value:.6f} ({t_heur:.1f}s)")
+
+    t1 = time.perf_counter()
+    dual = dual_bound(problem, t0 + (budget if backend is None else _BOUND_SHARE * budget),
+                      target=best.value + cfg.mip_gap * abs(best.value))
+    bound = dual.value
+    # The Lagrangian's own selection (top-k scores) is a further start for the local search.
+    top_k = np.sort(np.argsort(-dual.g)[:k])
+    best = max(best, _polish(problem, Candidate(top_k, [], -np.inf, "bound"), t0 + budget),
+               key=lambda c: c.value)
+    t_bound = time.perf_counter() - t1
+    say(f"qp: Lagrangian bound {bound:.6f}, gap {rel_gap(best.value, bound):.3%} ({t_bound:.1f}s)")
+
+    milp_info: dict[str, float | int | bool] = {}
+    rounds = 0
+    if backend is not None and rel_gap(best.value, bound) > cfg.mip_gap:
+        t1 = time.perf_counter()
+        res = solve_milp(problem, best, backend, u=dual.u, deadline=t0 + budget, mip_gap=cfg.mip_gap, log=say)
+        rounds = res.rounds
+        bound = min(bound, res.bound)
+        if res.best is not None:
+            cand = res.best if "repair" not in res.best.source else _polish(problem, res.best, t0 + budget)
+            best = max(best, cand, key=lambda c: c.value)
+        milp_info = {"milp_bound": res.bound, "milp_solves": res.solves, "milp_finished": res.finished,
+                     "milp_seconds": time.perf_counter() - t1}
+
+    value = verify(problem, best.selected, best.assignment, best.value)
+    if bound < value - _BOUND_SLACK * max(abs(value), 1.0):
+        raise QPVerificationError(f"bound {bound!r} is below the objective {value!r}: the bound is invalid")
+    bound = max(bound, value)
+    gap = rel_gap(value, bound)
+    if backend is None:
+        status = "heuristic"
+    else:
+        status = "optimal" if gap <= cfg.mip_gap + 1e-12 else "time_limit"
+    seconds = time.perf_counter() - t0
+    say(f"qp: {status}: objective {value:.6f}, bound {bound:.6f}, gap {gap:.3%}, {seconds:.1f}s "
+        f"(answer from {best.source})")
+    stats = {"answer_source": best.source, "heuristic_objective": heuristic_value, "lagrangian_bound": dual.value,
+             "n_pairs": int(len(problem.pw)), "heuristic_seconds": t_heur, "bound_seconds": t_bound,
+             "redundancy_weight": problem.w, "mip_gap": cfg.mip_gap, **milp_info}
+    sel = best.selected.astype(np.int64)
+    assignment = [list(fs) for fs in best.assignment]
+    return Selection(selected=sel, assignment=assignment, weight=weight_matrix(sel, assignment), objective=value,
+                     bound=bound, gap=gap, status=status, seconds=seconds,
+                     solver=backend.name if backend else "heuristic",
+                     solver_version=backend.version if backend else f"toolkit heuristic, numpy {np.__version__}",
+                     tau=tau, lazy_rounds=rounds, input_sha256=input_sha256(a, r), stats=stats)
