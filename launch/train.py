@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. qp.n_features=50 dense.epochs=5")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + (["runtime.resume=true"] if args.resume else [])
+    if not any(o.startswith("runtime.deepspeed_config=") for o in overrides):
+        overrides.append(f"runtime.deepspeed_config={Path(__file__).with_name('ds_config.json')}")
     try:
         cfg = load_config(args.config, overrides)
     except (ConfigError, FileNotFoundError) as e:

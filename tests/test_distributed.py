@@ -74,7 +74,7 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
 
 
 def test_sigkill_one_rank_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
-    extra = ["dense.epochs=12", "runtime.checkpoint_every=1"]
+    extra = ["dense.epochs=8", "runtime.checkpoint_every=1"]
     proc = _deepspeed(tmp_path, "killed", extra, port=29612)
     resume_dirs = tmp_path / "killed" / "art" / "dense"
     deadline, victim = time.time() + 600, None

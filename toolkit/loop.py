@@ -6,6 +6,7 @@ It talks to an `Engine` (plain torch or DeepSpeed) and to batches that hold eith
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -211,9 +212,11 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
             if checkpoint and every and step % every == 0 and step < n_steps:
                 checkpoint(engine, {"epoch": epoch, "step": step, "history": history})
 
+        t0 = time.perf_counter()
         metrics = train_epoch(engine, loader, cfg, backbone=backbone, console=console,
                               desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", on_step=on_step,
                               skip_steps=skip if epoch == start else 0)
+        metrics["seconds"] = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, **{k: round(v, 6) for k, v in metrics.items()}})
         console.log(f"{name} epoch {epoch + 1}/{cfg.epochs}: "
                     + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -100,7 +100,7 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate",
     """
     info = init_distributed(cfg.runtime)
     run_dir = prepare_run_dir(cfg, info)
-    console = Console(enabled=cfg.runtime.progress, log_file=run_dir / "log.txt")
+    console = Console(progress=cfg.runtime.progress, log_file=run_dir / "log.txt")
     device = resolve_device(cfg.runtime)
     precision = resolve_precision(cfg.runtime, device)
     console.log(f"world_size={info.world_size} backend={info.backend} device={device} precision={precision} "

@@ -122,9 +122,10 @@ class Console:
     """Rank-0 console: rich when attached to a terminal, plain timestamped lines otherwise; other ranks stay quiet
     except for warnings."""
 
-    def __init__(self, *, enabled: bool = True, log_file: Path | None = None) -> None:
+    def __init__(self, *, enabled: bool = True, progress: bool = True, log_file: Path | None = None) -> None:
         self.info_ = dist_info()
         self.enabled = enabled and self.info_.is_main
+        self.show_progress = progress
         self.tty = sys.stdout.isatty()
         self.log_file = log_file
         self._rich = None
@@ -148,8 +149,8 @@ class Console:
         print(f"[rank {self.info_.rank}] WARNING: {msg}", file=sys.stderr, flush=True)
 
     def progress(self, items: Iterable[T], *, total: int | None, desc: str) -> Iterator[T]:
-        """Iterate with a progress bar (rich on a TTY) or a few plain lines (every ~25 %)."""
-        if not self.enabled:
+        """Iterate with a progress bar (rich on a TTY) or plain lines at most every 10 s."""
+        if not (self.enabled and self.show_progress):
             yield from items
             return
         if self._rich is not None:

@@ -128,7 +128,8 @@ def _search(opts: SweepOptions, concurrent: int) -> Any:
                                   max_concurrent=concurrent)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=opts.seed)
+    # The cap goes here: Tune ignores TuneConfig.max_concurrent_trials when a BasicVariantGenerator is passed.
+    return BasicVariantGenerator(random_state=opts.seed, max_concurrent=concurrent)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -164,7 +165,7 @@ def run_sweep(opts: SweepOptions, console: Console | None = None) -> SweepSummar
     tuner = tune.Tuner(
         trainable, param_space=space.to_ray(),
         tune_config=tune.TuneConfig(num_samples=opts.num_samples, scheduler=_scheduler(opts, base, space),
-                                    search_alg=_search(opts, concurrent), max_concurrent_trials=concurrent,
+                                    search_alg=_search(opts, concurrent),
                                     reuse_actors=workers == 1, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name="sweep", storage_path=str(output / "ray"), verbose=1))
     grid = tuner.fit()

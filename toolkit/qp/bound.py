@@ -28,8 +28,9 @@ from scipy.special import expit
 from toolkit.qp.problem import Problem
 
 _TEMPERATURES = (0.01, 0.002, 4e-4, 1e-4)  # times alpha: the smoothing schedule (coarse to fine)
-_CUTOFF = 36.0  # softplus(z) < 3e-16 * T beyond -36 T: entries further below their class price are skipped
+_CUTOFF = 30.0  # softplus(z) < 1e-13 * T below -30 T: entries further below their class price are skipped
 _STAGE_ITERS = 120
+_PAIR_POOL = 4  # pairs get a multiplier when both ends are among the best _PAIR_POOL * k features
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,7 +55,11 @@ def lagrangian_value(problem: Problem, u: np.ndarray, mu: np.ndarray) -> tuple[f
 
 
 class _Smoothed:
-    """Smooth majorant of UB at temperature T over the entries that matter (per-class prefix of sorted A)."""
+    """Smooth majorant of UB at temperature T over the entries that matter, as a function of (u, mu[active]).
+
+    Only entries with alpha A[f, c] > u_c - cutoff * T enter (a per-class prefix of the sorted columns), and only
+    the pairs in `active` carry a multiplier (the others keep mu = 0, which is always valid).
+    """
 
     def __init__(self, problem: Problem) -> None:
         self.p = problem
@@ -63,39 +68,48 @@ class _Smoothed:
         self.sorted = np.take_along_axis(aa, self.order, 0)
         self.temperature = 1.0
         self.rows_cap = problem.n_features
+        self.active = np.zeros(0, dtype=np.int64)
         self.calls = 0
         self.best = (np.inf, np.zeros(problem.n_classes), np.zeros(len(problem.pw)))
+        self.h = np.zeros(problem.n_features)
+
+    def full_mu(self, mu_active: np.ndarray) -> np.ndarray:
+        mu = np.zeros(len(self.p.pw))
+        mu[self.active] = mu_active
+        return mu
 
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         p, t = self.p, self.temperature
         n, n_cls, k = p.n_features, p.n_classes, p.k
-        u, mu = z[:n_cls], z[n_cls:]
+        u = z[:n_cls]
+        mu = self.full_mu(z[n_cls:])
         self.calls += 1
-        # Rows of the per-class sorted values that can still matter; searched on a cached prefix first.
         thr = u - _CUTOFF * t
-        cap = self.rows_cap
-        counts = (self.sorted[:cap] > thr).sum(0)
-        if counts.max() >= cap and cap < n:
+        counts = (self.sorted[: self.rows_cap] > thr).sum(0)
+        if counts.max() >= self.rows_cap and self.rows_cap < n:
             counts = (self.sorted > thr).sum(0)
         rows = max(int(counts.max()), 1)
         self.rows_cap = min(n, max(rows + rows // 4, 8))
-        diff = self.sorted[:rows] - u  # (rows, C)
+        prefix = self.sorted[:rows]
+        mask = prefix > thr
+        cls = np.nonzero(mask)[1]
+        idx = self.order[:rows][mask]
+        diff = prefix[mask] - u[cls]  # compact: only the entries that can matter
         zz = diff / t
         e = np.exp(-np.minimum(np.abs(zz), 40.0))  # shared by softplus and the logistic (no denormals)
-        soft = (np.maximum(diff, 0.0) + t * np.log1p(e)).ravel()
-        idx = self.order[:rows].ravel()
         pair = np.bincount(p.pi, mu, n) + np.bincount(p.pj, mu, n)
-        h = np.bincount(idx, soft, n) - pair
+        h = np.bincount(idx, np.maximum(diff, 0.0) + t * np.log1p(e), n) - pair
         sig, smooth_top = _soft_top_k(h, k, t)
+        self.h = h
         value = p.m * u.sum() + mu.sum() + smooth_top
-        logistic = np.where(zz >= 0, 1.0, e) / (1.0 + e)
-        weight = logistic * sig[self.order[:rows]]
-        grad = np.concatenate([p.m - weight.sum(0), 1.0 - sig[p.pi] - sig[p.pj]])
-        # The exact bound at this point is cheap from the same prefix (entries with alpha A <= u_c add 0).
-        exact_h = np.bincount(idx, np.maximum(diff, 0.0).ravel(), n) - pair
+        weight = np.where(zz >= 0, 1.0, e) / (1.0 + e) * sig[idx]
+        a, b = p.pi[self.active], p.pj[self.active]
+        grad = np.concatenate([p.m - np.bincount(cls, weight, n_cls), 1.0 - sig[a] - sig[b]])
+        # The exact bound at this point comes from the same entries (those with alpha A <= u_c add 0).
+        exact_h = np.bincount(idx, np.maximum(diff, 0.0), n) - pair
         exact = float(p.m * u.sum() + mu.sum() + np.partition(exact_h, n - k)[n - k:].sum())
         if exact < self.best[0]:
-            self.best = (exact, u.copy(), mu.copy())
+            self.best = (exact, u.copy(), mu)
         return float(value), grad
 
 
@@ -133,22 +147,29 @@ def dual_bound(problem: Problem, deadline: float, u0: np.ndarray | None = None,
     if u0 is None:
         rank = min(n, -(-problem.m * n // problem.k)) - 1
         u0 = fn.sorted[rank].copy()
-    z = np.concatenate([u0, np.zeros(len(problem.pw))])
-    bounds = Bounds(np.concatenate([np.full(n_cls, -np.inf), np.zeros(len(problem.pw))]),
-                    np.concatenate([np.full(n_cls, np.inf), problem.pw]))
+    z = u0.copy()
     fn.temperature = _TEMPERATURES[0] * problem.alpha
     fn(z)
-    for temp in _TEMPERATURES:
+    for stage, temp in enumerate(_TEMPERATURES):
         if time.perf_counter() >= deadline or fn.best[0] <= target:
             break
+        if stage == 1 and len(problem.pw):
+            # Pair multipliers join after the first stage, and only where both ends score among the best
+            # features: elsewhere the pair row is slack at the LP optimum and mu = 0 is optimal anyway.
+            top = np.zeros(n, dtype=bool)
+            top[np.argsort(-fn.h)[: min(n, _PAIR_POOL * problem.k)]] = True
+            fn.active = np.flatnonzero(top[problem.pi] & top[problem.pj])
+            z = np.concatenate([z[:n_cls], np.zeros(len(fn.active))])
         fn.temperature = temp * problem.alpha
+        bounds = Bounds(np.concatenate([np.full(n_cls, -np.inf), np.zeros(len(fn.active))]),
+                        np.concatenate([np.full(n_cls, np.inf), problem.pw[fn.active]]))
 
         def stop(_: np.ndarray) -> None:
             if time.perf_counter() >= deadline or fn.best[0] <= target:
                 raise StopIteration  # scipy >= 1.11 ends the run and keeps the last iterate
 
         res = minimize(fn, z, jac=True, method="L-BFGS-B", bounds=bounds, callback=stop,
-                       options={"maxiter": _STAGE_ITERS})
+                       options={"maxiter": _STAGE_ITERS, "maxcor": 8})
         z = res.x
     value, u, mu = fn.best
     exact, g = lagrangian_value(problem, u, mu)  # recomputed on all entries: the number we certify
