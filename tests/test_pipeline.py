@@ -37,8 +37,10 @@ def test_pipeline_end_to_end_then_fully_cached(tiny_overrides: list[str], tmp_pa
     assert torch.all(w.sum(1) == cfg.qp.n_per_class)
     assert info["classes"] and info["backbone"] == cfg.backbone.name
 
+    assert not any(stage["cached"] for stage in manifest["stages"].values())
     second = run_pipeline(cfg)  # same config: no backbone, same numbers
     assert second.backbone_builds == 0
+    assert all(stage["cached"] for stage in second.stages.values())
     assert json.loads((second.run_dir / "metrics.json").read_text()) == metrics
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -92,7 +93,8 @@ def test_lazy_rounds_break_duplicates_from_the_milp(monkeypatch: pytest.MonkeyPa
     R = similarity_R(A)
     p = build_problem(A, R, k=K, m=M, tau=1.1, w=1.0)
     start = milp.repaired(p, np.arange(K), "start")
-    res = milp.solve_milp(p, start, resolve_backend("highs"), u=None, deadline=math.inf, mip_gap=0.0,
+    lists = milp.candidate_lists(p, None, start)
+    res = milp.solve_milp(p, start, resolve_backend("highs"), lists=lists, deadline=math.inf, mip_gap=0.0,
                           log=lambda _: None)
     exact, binds = _brute_force(A, R, K, M, 1.1, 1.0)
     assert binds and res.rounds >= 1 and res.finished
@@ -110,11 +112,28 @@ def test_pruned_model_with_overflow_still_exact(monkeypatch: pytest.MonkeyPatch)
     p = build_problem(A, R, k=4, m=2, tau=0.97, w=1.0)
     start = milp.repaired(p, np.arange(4), "start")
     u = np.full(4, p.alpha * 0.99)  # high prices: tiny candidate lists, so the overflow must grow them
-    res = milp.solve_milp(p, start, resolve_backend("highs"), u=u, deadline=math.inf, mip_gap=0.0,
+    lists = milp.candidate_lists(p, u, start)
+    assert sum(map(len, lists)) < 12 * 4
+    res = milp.solve_milp(p, start, resolve_backend("highs"), lists=lists, deadline=math.inf, mip_gap=0.0,
                           log=lambda _: None)
     exact, _ = _brute_force(A, R, 4, 2, 0.97, 1.0)
     assert res.best is not None and res.best.value == pytest.approx(exact, rel=1e-9)
     assert res.bound >= exact - 1e-6
+
+
+@pytest.mark.solver
+def test_oversized_milp_is_skipped_and_the_bound_continues(monkeypatch: pytest.MonkeyPatch) -> None:
+    import toolkit.qp.solve as solve_mod
+
+    monkeypatch.setattr(solve_mod, "_MILP_MAX_COLUMNS", 0)
+    A = _instance(6, twins=True)
+    R = similarity_R(A)
+    lines: list[str] = []
+    sel = solve_qp(A, R, _cfg(redundancy_threshold=0.5, time_limit=3.0), log=lines.append)
+    exact, _ = _brute_force(A, R, K, M, 0.5, 1.0)
+    assert any("MILP skipped" in line for line in lines) and "milp_skipped" in sel.stats
+    assert sel.objective <= exact + 1e-9 <= sel.bound + 1e-6
+    assert sel.status in ("optimal", "time_limit") and sel.lazy_rounds == 0
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -221,6 +240,8 @@ def test_selection_json_round_trip_and_verification() -> None:
     with pytest.raises(QPVerificationError, match="differs"):
         verify(p, sel.selected, assignment, sel.objective + 1e-3)
     assert top_m_assignment(p, sel.selected)[0] == tuple(sorted(top_m_assignment(p, sel.selected)[0]))
+    no_bound = dataclasses.replace(sel, stats={**sel.stats, "milp_bound": math.inf})  # a MILP without a bound
+    assert json.loads(no_bound.to_json())["stats"]["milp_bound"] is None
 
 
 @pytest.mark.solver

@@ -100,20 +100,24 @@ def test_trial_config_gives_each_trial_its_own_run_dir_and_raises_when_impossibl
         trial_config(setup, {"qp.n_per_class": 9}, "abc_00002")
 
 
-def test_epoch_reporter_counts_trained_stages_and_reports_finetune_epochs_with_checkpoints() -> None:
+def test_epoch_reporter_counts_trained_stages_and_reports_finetune_epochs_with_checkpoints(tmp_path: Path) -> None:
     seen: list[tuple[dict, dict | None]] = []
+    # The run's log says which artefacts this trial built (toolkit.artifacts.get_or_run's messages).
+    (tmp_path / "log.txt").write_text("t0 tokens: built in 0.6s (/c/tokens/a)\n"
+                                      "t1 tokens: built by another process (/c/tokens/b)\nt2 dense: cached (/c/d)\n")
 
     def report(metrics: dict, directory: Path | None) -> None:
         progress = json.loads((directory / "progress.json").read_text()) if directory else None
         seen.append((metrics, progress))
 
-    rep = EpochReporter(report, is_main=True)
+    rep = EpochReporter(report, is_main=True, run_dir=tmp_path)
     rep("dense", {"epoch": 1, "ce": 1.0, "train_accuracy": 0.5})
     assert seen == []  # dense epochs run in only one of the trials sharing them: not reported
     rep("finetune", {"epoch": 1, "ce": 0.7, "l1_maps": 0.2, "train_accuracy": 0.75})
     metrics, progress = seen[-1]
     assert metrics["train_accuracy"] == 0.75 and metrics["accuracy"] is None and metrics["loss_l1_maps"] == 0.2
     assert metrics["trained_dense"] == 1 and metrics["trained_probe"] == 0 and progress["epoch"] == 1
+    assert metrics["backbone_passes"] == 1
 
 
 def test_prepare_makes_paths_absolute_and_rejects_optuna_with_grid(tmp_path: Path) -> None:
@@ -226,38 +230,45 @@ def test_export_best_reports_a_missing_exporter_and_runs_a_present_one(tmp_path:
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(tmp_path_factory: pytest.TempPathFactory):
+def local_ray(tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray instance (2 CPUs, no dashboard) for the sweeps of this module."""
+    ray = pytest.importorskip("ray")
+    tmp = tmp_path_factory.mktemp("ray")
+    runner._init_ray(SweepOptions(config=TINY, space=tmp, num_samples=1, output=tmp, num_cpus=2))
+    yield
+    ray.shutdown()
+
+
+def _sweep(tmp: Path, space: str, **kw: object) -> runner.SweepSummary:
+    (tmp / "space.yaml").write_text(space)
+    opts = SweepOptions(config=TINY, space=tmp / "space.yaml", num_samples=1, output=tmp / "out", scheduler="fifo",
+                        seed=0, overrides=(f"cache.root={tmp / 'artifacts'}", "runtime.progress=false"), **kw)
+    return runner.run_sweep(opts)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(local_ray, tmp_path_factory: pytest.TempPathFactory) -> tuple[runner.SweepSummary, Path]:
     """One 4-trial FIFO sweep on the tiny config: qp.n_per_class on a grid with one impossible value (9 > the 6
     features), the fine-tune sparsity weight random; two trials at a time, so shared stages are contended."""
-    ray = pytest.importorskip("ray")
     tmp = tmp_path_factory.mktemp("sweep")
-    space = tmp / "space.yaml"
-    space.write_text("finetune.l1_maps: {loguniform: [0.5, 5.0]}\nqp.n_per_class: {grid: [1, 2, 3, 9]}\n")
-    opts = SweepOptions(config=TINY, space=space, num_samples=1, output=tmp / "out", scheduler="fifo",
-                        cpus_per_trial=1, num_cpus=2, seed=0,
-                        overrides=(f"cache.root={tmp / 'artifacts'}", "runtime.progress=false"))
-    from tune.runner import run_sweep
-
-    try:
-        summary = run_sweep(opts)
-    finally:
-        ray.shutdown()
-    return summary, opts
+    space = "finetune.l1_maps: {loguniform: [0.5, 5.0]}\nqp.n_per_class: {grid: [1, 2, 3, 9]}\n"
+    return _sweep(tmp, space, cpus_per_trial=1), tmp / "artifacts"
 
 
 @pytest.mark.slow
 def test_sweep_shares_work_and_writes_table_csv_and_best(tiny_sweep) -> None:
-    summary, opts = tiny_sweep
+    summary, root = tiny_sweep
     out = summary.output
     cfg = load_config(TINY)
     ok = [r for r in summary.rows if r.status == "ok"]
     assert len(summary.rows) == 4 and len(ok) == 3
-    # Shared work: the trials started two at a time, yet the backbone ran once and the dense model (and the linear
-    # probe) trained once; every trial fine-tuned its own model.
-    doc = json.loads((out / "sweep.json").read_text())
-    assert doc["shared_work"] == {"backbone_builds": 1, "trained_probe": 1, "trained_dense": 1,
-                                  "trained_finetune": 3}
-    root = Path(opts.overrides[0].split("=", 1)[1])
+    # Shared work: the trials started two at a time, yet the backbone passed once over each split (train, test) and
+    # the dense model (and the linear probe) trained once; every trial fine-tuned its own model.
+    work = json.loads((out / "sweep.json").read_text())["shared_work"]
+    assert work["backbone_passes_per_split"] == 1 and work["dense_trainings"] == 1
+    assert work["probe_trainings"] == 1 and work["finetune_trainings"] == 3
+    assert 1 <= work["backbone_constructions"] <= 2  # 2 when two trials each extracted one split
+
     def artefacts(stage: str) -> list[Path]:  # complete artefact directories (not locks, not temporaries)
         return [p for p in (root / stage).iterdir() if (p / "manifest.json").is_file() and not p.name.startswith(".")]
 
@@ -290,3 +301,18 @@ def test_impossible_trial_fails_with_its_reason_and_the_sweep_goes_on(tiny_sweep
     assert failed[0].reason.startswith("ConfigError: config key 'qp.n_per_class'") and "got 9" in failed[0].reason
     assert sorted(r.params["qp.n_per_class"] for r in summary.rows if r.status == "ok") == [1, 2, 3]
     assert "got 9" in (summary.output / "table.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_workers_per_trial_train_with_ray_train_and_deepspeed(local_ray, tmp_path: Path) -> None:
+    """--workers-per-trial 2: the trial runs a TorchTrainer (Train V2) whose 2 gloo workers run the pipeline with
+    the DeepSpeed engine; per-epoch reports reach Tune through TuneReportCallback."""
+    summary = _sweep(tmp_path, "qp.n_per_class: {grid: [2]}\n", workers_per_trial=2, cpus_per_trial=1)
+    (row,) = summary.rows
+    assert row.status == "ok", row.reason
+    assert row.iterations == load_config(TINY).finetune.epochs + 1
+    run_dir = Path(row.get("run_dir"))
+    assert load_config(run_dir / "config.yaml").runtime.engine == "deepspeed"
+    assert "world_size=2" in (run_dir / "log.txt").read_text()
+    assert (summary.output / "best.yaml").is_file()

@@ -27,6 +27,14 @@ from toolkit import __version__
 from toolkit.runtime import barrier, broadcast_object, dist_info, distributed
 
 MANIFEST = "manifest.json"
+# Directory -> whether this process's last get_or_run for it loaded (True) or built (False) it; run manifests
+# report it per stage.
+_HITS: dict[str, bool] = {}
+
+
+def was_cached(directory: Path) -> bool | None:
+    """Whether this process loaded `directory` from the cache (None if it never asked for it)."""
+    return _HITS.get(str(directory))
 # Bump when a stage's maths changes in a way that invalidates artefacts made by older code.
 CODE_VERSION = "1"
 
@@ -99,7 +107,17 @@ def get_or_run(
     """
     final = Path(root) / stage / key
     if distributed():
-        return _get_or_run_ranks(final, stage, key, build, config=config, upstream=upstream, log=log)
+        out = _get_or_run_ranks(final, stage, key, build, config=config, upstream=upstream, log=log)
+    else:
+        out = _get_or_run_local(final, stage, key, build, config=config, upstream=upstream, log=log)
+    _HITS[str(final)] = out[2]
+    return out
+
+
+def _get_or_run_local(
+    final: Path, stage: str, key: str, build: Callable[[Path], dict[str, Any]], *, config: Any,
+    upstream: dict[str, str] | None, log: Callable[[str], None] | None,
+) -> tuple[Path, Manifest, bool]:
     if (final / MANIFEST).is_file():
         if log:
             log(f"{stage}: cached ({final})")

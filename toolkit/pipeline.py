@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
-from toolkit.artifacts import write_json
+from toolkit.artifacts import was_cached, write_json
 from toolkit.backbone import Backbone, create_backbone
 from toolkit.cache import build_tokens, live_split
 from toolkit.config import RunConfig, load_config, save_config, to_dict
@@ -123,8 +123,8 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate",
         return backbone[0]
 
     def record(name: str, directory: Path, key: str, metrics: dict[str, Any], t0: float) -> None:
-        stages[name] = {"key": key, "directory": str(directory), "seconds": round(time.perf_counter() - t0, 3),
-                        "metrics": metrics}
+        stages[name] = {"key": key, "directory": str(directory), "cached": was_cached(directory),
+                        "seconds": round(time.perf_counter() - t0, 3), "metrics": metrics}
         if info.is_main:
             write_json(run_dir / "manifest.json", {"config_hash": config_hash(cfg), "stages": stages})
 

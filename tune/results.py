@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tune.trial import SPLITS
+
 STATUSES = ("ok", "stopped", "failed")  # ok: final report; stopped: ended early by the scheduler; failed: raised
 
 
@@ -162,7 +164,8 @@ def render_table(rows: list[TrialRow], keys: list[str], *, front: set[str], chos
 def write_csv(rows: list[TrialRow], keys: list[str], path: Path, *, front: set[str], chosen: str | None) -> None:
     extra = ("dense_accuracy", "probe_accuracy", "accuracy_before_finetune", "class_independence", "contrastiveness",
              "correlation", "qp_objective", "qp_bound", "qp_seconds", "qp_solver", "qp_n_features", "qp_n_per_class",
-             "train_accuracy", "backbone_builds", "trained_probe", "trained_dense", "trained_finetune", "run_dir")
+             "train_accuracy", "backbone_passes", "backbone_builds", "trained_probe", "trained_dense",
+             "trained_finetune", "run_dir")
     header = ["trial_id", "status", "reason", *keys, *COLUMNS, *extra, "iterations", "pareto", "chosen"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -191,22 +194,34 @@ def write_best(chosen: TrialRow, rule: str, interp: Objective, keys: list[str], 
 def summary_json(rows: list[TrialRow], *, front: list[TrialRow], chosen: TrialRow | None, rule: str | None,
                  interp: Objective) -> dict[str, Any]:
     """Everything above in one JSON document (sweep.json)."""
-    ok = [r for r in rows if r.status != "failed"]
     return {
         "interpretability_metric": {"key": interp.key, "maximize": interp.maximize, "why": interp.why},
         "rule": rule, "chosen": chosen.trial_id if chosen else None,
         "chosen_run_dir": chosen.get("run_dir") if chosen else None,
         "pareto_front": [r.trial_id for r in front],
         "counts": {s: sum(r.status == s for r in rows) for s in STATUSES},
-        # Over trials that sent a final report (a stopped trial reports the training loops it ran, not backbones).
-        "shared_work": {"backbone_builds": sum(r.get("backbone_builds") or 0 for r in ok),
-                        **{f"trained_{s}": sum(r.get(f"trained_{s}") or 0 for r in ok)
-                           for s in ("probe", "dense", "finetune")}},
+        "shared_work": shared_work(rows),
         "trials": [{"trial_id": r.trial_id, "status": r.status, "reason": r.reason, "params": r.params,
                     "iterations": r.iterations,
                     "metrics": {k: v for k, v in r.metrics.items() if isinstance(v, (int, float, str, bool))
                                 or v is None}} for r in rows],
     }
+
+
+def shared_work(rows: list[TrialRow]) -> dict[str, Any]:
+    """What the whole sweep computed, summed over its trials' last reports (stopped trials included).
+
+    backbone_passes counts token stores extracted (one per split when the trials share them, so 2 = one pass over
+    train and one over test); backbone_constructions counts models built, which can exceed 1 when two trials each
+    extracted one split; it is only known for trials that finished.
+    """
+    ran = [r for r in rows if r.status != "failed"]
+    total = {k: sum(r.get(k) or 0 for r in ran) for k in ("backbone_passes", "backbone_builds", "trained_probe",
+                                                          "trained_dense", "trained_finetune")}
+    return {"backbone_passes": total["backbone_passes"],
+            "backbone_passes_per_split": total["backbone_passes"] / len(SPLITS),
+            "probe_trainings": total["trained_probe"], "dense_trainings": total["trained_dense"],
+            "finetune_trainings": total["trained_finetune"], "backbone_constructions": total["backbone_builds"]}
 
 
 def write_summary(path: Path, doc: dict[str, Any]) -> None:

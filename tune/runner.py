@@ -123,7 +123,8 @@ def _search(opts: SweepOptions, concurrent: int) -> Any:
         from ray.tune.search.optuna import OptunaSearch
 
         # A one-element list makes Optuna ignore the per-epoch reports (whose accuracy is not known yet) and
-        # learn from each trial's final test accuracy.
+        # learn from each trial's final test accuracy. A trial ASHA stopped ends without one: Ray logs "The value
+        # None could not be cast to float" and Optuna never completes that trial, so it does not learn from it.
         return ConcurrencyLimiter(OptunaSearch(metric=[SEARCH_METRIC], mode=["max"], seed=opts.seed),
                                   max_concurrent=concurrent)
     from ray.tune.search import BasicVariantGenerator
@@ -151,7 +152,7 @@ def run_sweep(opts: SweepOptions, console: Console | None = None) -> SweepSummar
 
     workers = opts.workers_per_trial
     setup = TrialSetup(base=base, output=str(output), workers=workers, cpus_per_worker=opts.cpus_per_trial / workers,
-                       gpus_per_worker=opts.gpus_per_trial / workers)
+                       gpus_per_worker=opts.gpus_per_trial / workers, cwd=os.getcwd())
     trainable = tune.with_parameters(run_trial, setup=setup)
     if workers == 1:
         trainable = tune.with_resources(trainable, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})

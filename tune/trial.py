@@ -15,6 +15,8 @@ small progress record, at the end the trial's DINO-QPM checkpoint with its metri
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,6 +29,10 @@ from toolkit.config import RunConfig, replace
 from tune.space import overrides_of
 
 STAGES = ("probe", "dense", "finetune")
+SPLITS = ("train", "test")  # the pipeline extracts one token store per split
+# toolkit.artifacts.get_or_run logs "<stage>: built in ..." when this process built the artefact, and "cached" or
+# "built by another process" when it loaded one; the run's log.txt therefore says which token stores a trial made.
+_TOKENS_BUILT = re.compile(r"\btokens: built in ")
 # Interpretability metrics read from metrics.json's "qpm" section when toolkit.evaluate wrote them.
 INTERP_KEYS = ("sid_at_5", "plausibility", "class_independence", "contrastiveness", "correlation",
                "structural_grounding")
@@ -46,6 +52,7 @@ class TrialSetup:
     workers: int = 1  # > 1: Ray Train TorchTrainer with this many workers per trial
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    cwd: str | None = None  # the sweep's working directory: trials run there, as launch/train.py would
 
 
 def trial_config(setup: TrialSetup, sample: dict[str, Any], trial_id: str) -> RunConfig:
@@ -57,17 +64,26 @@ def trial_config(setup: TrialSetup, sample: dict[str, Any], trial_id: str) -> Ru
     return replace(setup.base, overrides)
 
 
+def backbone_passes(run_dir: Path) -> int:
+    """Token stores (backbone passes over a split) this trial extracted itself: 0, 1 or 2."""
+    log = run_dir / "log.txt"
+    return len(_TOKENS_BUILT.findall(log.read_text())) if log.is_file() else 0
+
+
 class EpochReporter:
     """The pipeline's `on_epoch` hook: counts which training loops ran here and reports fine-tune epochs."""
 
-    def __init__(self, report: Report, *, is_main: bool) -> None:
+    def __init__(self, report: Report, *, is_main: bool, run_dir: Path | None = None) -> None:
         self.report = report
         self.is_main = is_main
+        self.run_dir = run_dir
         self.trained = dict.fromkeys(STAGES, 0)  # 1 when this trial ran that stage's training loop
         self.last: dict[str, float] = {}
 
     def counters(self) -> dict[str, int]:
-        return {f"trained_{k}": v for k, v in self.trained.items()}
+        """Shared-work counters, in every report so that trials stopped early count too."""
+        passes = backbone_passes(self.run_dir) if self.run_dir is not None else 0
+        return {"backbone_passes": passes, **{f"trained_{k}": v for k, v in self.trained.items()}}
 
     def __call__(self, stage: str, metrics: dict[str, float]) -> None:
         self.trained[stage] = 1
@@ -85,7 +101,7 @@ class EpochReporter:
 
 def final_metrics(cfg: RunConfig, metrics: dict[str, Any], stages: dict[str, Any], *, reporter: EpochReporter,
                   backbone_builds: int, seconds: float, run_dir: Path) -> dict[str, Any]:
-    """The trial's last report: flat scalars read from metrics.json (interpretability keys only when present)."""
+    """The trial's last report: flat scalars from metrics.json (an interpretability key is None when it is absent)."""
     qpm, qp = metrics.get("qpm", {}), metrics.get("qp", {})
     ft_train = stages.get("finetune", {}).get("metrics", {}).get("train_accuracy")
     out: dict[str, Any] = {
@@ -108,7 +124,8 @@ def execute(cfg: RunConfig, report: Report, *, is_main: bool) -> dict[str, Any]:
     from toolkit.pipeline import run_pipeline  # imported in the trial's process, after Ray has set threads
 
     t0 = time.perf_counter()
-    reporter = EpochReporter(report, is_main=is_main)
+    reporter = EpochReporter(report, is_main=is_main,
+                             run_dir=Path(cfg.runtime.output_dir) / (cfg.runtime.run_name or ""))
     result = run_pipeline(cfg, on_epoch=reporter)
     final = final_metrics(cfg, result.metrics, result.stages, reporter=reporter,
                           backbone_builds=result.backbone_builds, seconds=time.perf_counter() - t0,
@@ -137,10 +154,19 @@ def _train_report(metrics: dict[str, Any], directory: Path | None) -> None:
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if directory else None)
 
 
+def _enter(cwd: str | None) -> None:
+    """Run in the sweep's working directory: Tune and Train start processes in their own folders, but relative
+    paths the toolkit uses itself (the converted-weights cache .cache/weights) must resolve as for launch/train.py,
+    so every trial shares them."""
+    if cwd and Path(cwd).is_dir():
+        os.chdir(cwd)
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the process group is already up (gloo/nccl), the toolkit joins it."""
     import ray.train
 
+    _enter(config["cwd"])
     execute(config["cfg"], _train_report, is_main=ray.train.get_context().get_world_rank() == 0)
 
 
@@ -148,6 +174,7 @@ def run_trial(sample: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune function trainable. Impossible settings raise (ConfigError, QP pre-checks) and fail this trial only."""
     from ray import tune
 
+    _enter(setup.cwd)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(setup, sample, trial_id)
     if setup.workers <= 1:
@@ -161,7 +188,7 @@ def run_trial(sample: dict[str, Any], setup: TrialSetup) -> None:
 
     resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if setup.gpus_per_worker else {})}
     trainer = TorchTrainer(
-        _worker_loop, train_loop_config={"cfg": cfg},
+        _worker_loop, train_loop_config={"cfg": cfg, "cwd": setup.cwd},
         scaling_config=ray.train.ScalingConfig(num_workers=setup.workers, use_gpu=setup.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=f"trial-{trial_id}", storage_path=str(Path(setup.output) / "ray-train"),

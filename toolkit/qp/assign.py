@@ -133,6 +133,7 @@ class Distinct:
     assignment: Assignment
     colliding: int  # classes in duplicate groups of plain top-m (0: top-m was distinct, hence optimal for S)
     loss: float  # objective units given up against top-m (>= 0)
+    class_loss: np.ndarray  # (C,) the same per class (0 outside the colliding classes)
 
 
 def distinct_assignment(problem: Problem, selected: np.ndarray) -> Distinct:
@@ -150,12 +151,14 @@ def distinct_assignment(problem: Problem, selected: np.ndarray) -> Distinct:
     top = top_m_assignment(problem, sel)
     groups = duplicate_groups(top)
     if not groups:
-        return Distinct(top, 0, 0.0)
+        return Distinct(top, 0, 0.0, np.zeros(problem.n_classes))
     movers = sorted(itertools.chain.from_iterable(groups.values()))
     swapped, ok = _cheapest_swaps(problem, sel, top)
     out = _matching(problem, sel, swapped if ok else top, movers)
     if duplicate_groups(out):
         raise AssertionError("distinct_assignment: matching left a collision")
     a = problem.A
-    loss = sum(float(a[list(top[c]), c].sum() - a[list(out[c]), c].sum()) for c in movers)
-    return Distinct(out, len(movers), problem.alpha * loss)
+    class_loss = np.zeros(problem.n_classes)
+    for c in movers:
+        class_loss[c] = problem.alpha * float(a[list(top[c]), c].sum() - a[list(out[c]), c].sum())
+    return Distinct(out, len(movers), float(class_loss.sum()), class_loss)

@@ -27,9 +27,10 @@ from scipy.special import expit
 
 from toolkit.qp.problem import Problem
 
-_TEMPERATURES = (0.01, 0.002, 4e-4, 1e-4)  # times alpha: the smoothing schedule (coarse to fine)
+_TEMPERATURES = (0.01, 0.002, 4e-4, 1e-4, 3e-5)  # times alpha: the smoothing schedule (coarse to fine)
 _CUTOFF = 30.0  # softplus(z) < 1e-13 * T below -30 T: entries further below their class price are skipped
 _STAGE_ITERS = 120
+_KEEP_GOING = 1e-6  # repeat the finest stage while it still lowers the bound by this (relative)
 _PAIR_POOL = 4  # pairs get a multiplier when both ends are among the best _PAIR_POOL * k features
 
 
@@ -129,7 +130,7 @@ def _soft_top_k(h: np.ndarray, k: int, t: float) -> tuple[np.ndarray, float]:
     return sig, float(sig @ h + t * entropy)
 
 
-def dual_bound(problem: Problem, deadline: float, u0: np.ndarray | None = None,
+def dual_bound(problem: Problem, deadline: float, u0: np.ndarray | None = None, mu0: np.ndarray | None = None,
                target: float = -np.inf) -> DualBound:
     """Minimise UB(u, mu) until the schedule ends or `deadline` (a `time.perf_counter()` value) passes.
 
@@ -137,6 +138,7 @@ def dual_bound(problem: Problem, deadline: float, u0: np.ndarray | None = None,
         problem: the instance.
         deadline: stop starting new L-BFGS-B iterations after this time (one evaluation always happens).
         u0: (C,) starting prices; default alpha times each class's ceil(m F / k)-th best A.
+        mu0: (P,) starting pair multipliers (a continuation); default 0.
         target: stop once the bound is at or below this (e.g. the incumbent: nothing left to prove).
 
     Returns:
@@ -148,19 +150,23 @@ def dual_bound(problem: Problem, deadline: float, u0: np.ndarray | None = None,
         rank = min(n, -(-problem.m * n // problem.k)) - 1
         u0 = fn.sorted[rank].copy()
     z = u0.copy()
-    fn.temperature = _TEMPERATURES[0] * problem.alpha
+    stages = list(_TEMPERATURES)
+    stage = 0
+    if mu0 is not None:  # continuing: start at the finest level with the given multipliers active
+        stages, stage = [_TEMPERATURES[-1]] * 2, 1
+        fn.active = np.flatnonzero(mu0 > 0)
+        z = np.concatenate([z, mu0[fn.active]])
+    fn.temperature = stages[0] * problem.alpha
     fn(z)
-    for stage, temp in enumerate(_TEMPERATURES):
-        if time.perf_counter() >= deadline or fn.best[0] <= target:
-            break
-        if stage == 1 and len(problem.pw):
+    while stage < len(stages) and time.perf_counter() < deadline and fn.best[0] > target:
+        if stage == 1 and len(problem.pw) and mu0 is None:
             # Pair multipliers join after the first stage, and only where both ends score among the best
             # features: elsewhere the pair row is slack at the LP optimum and mu = 0 is optimal anyway.
             top = np.zeros(n, dtype=bool)
             top[np.argsort(-fn.h)[: min(n, _PAIR_POOL * problem.k)]] = True
             fn.active = np.flatnonzero(top[problem.pi] & top[problem.pj])
             z = np.concatenate([z[:n_cls], np.zeros(len(fn.active))])
-        fn.temperature = temp * problem.alpha
+        fn.temperature = stages[stage] * problem.alpha
         bounds = Bounds(np.concatenate([np.full(n_cls, -np.inf), np.zeros(len(fn.active))]),
                         np.concatenate([np.full(n_cls, np.inf), problem.pw[fn.active]]))
 
@@ -168,9 +174,13 @@ def dual_bound(problem: Problem, deadline: float, u0: np.ndarray | None = None,
             if time.perf_counter() >= deadline or fn.best[0] <= target:
                 raise StopIteration  # scipy >= 1.11 ends the run and keeps the last iterate
 
+        before = fn.best[0]
         res = minimize(fn, z, jac=True, method="L-BFGS-B", bounds=bounds, callback=stop,
                        options={"maxiter": _STAGE_ITERS, "maxcor": 8})
         z = res.x
+        stage += 1
+        if stage == len(stages) and before - fn.best[0] > _KEEP_GOING * abs(fn.best[0]):
+            stages.append(stages[-1])  # time left and still improving: another round at the finest level
     value, u, mu = fn.best
     exact, g = lagrangian_value(problem, u, mu)  # recomputed on all entries: the number we certify
     return DualBound(value=exact, u=u, mu=np.clip(mu, 0.0, problem.pw), g=g, evaluations=fn.calls)

@@ -63,7 +63,9 @@ class Selection:
             "objective": self.objective, "bound": self.bound, "gap": self.gap, "status": self.status,
             "seconds": self.seconds, "solver": self.solver, "solver_version": self.solver_version,
             "tau": self.tau, "lazy_rounds": self.lazy_rounds, "input_sha256": self.input_sha256,
-            "n_features": self.n_features, "n_per_class": self.n_per_class, "stats": self.stats,
+            "n_features": self.n_features, "n_per_class": self.n_per_class,
+            # JSON has no inf/NaN: a bound a stage never produced is written as null.
+            "stats": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.stats.items()},
         }
         return json.dumps(payload, indent=1, allow_nan=False)
 

@@ -37,6 +37,7 @@ from toolkit.qp.problem import Assignment, Problem, duplicate_groups
 
 _FULL_ENTRIES = 40_000  # F * C up to this: no pruning (the model is exact in one go)
 _MIN_ROUND_SECONDS = 1.0  # do not start a re-solve with less time than this
+_PRICE_MARGIN = 0.05  # candidate x: alpha A[f, c] > u_c - this * alpha (u: the Lagrangian's class prices)
 _SOLVER_GAP_SHARE = 0.8  # the solver's own relative gap target, as a share of qp.mip_gap
 
 
@@ -57,7 +58,7 @@ def candidate_lists(problem: Problem, u: np.ndarray | None, incumbent: Candidate
         return [np.arange(n) for _ in range(n_cls)]
     aa = problem.alpha * problem.A
     order = np.argsort(-aa, axis=0, kind="stable")
-    margin = 0.05 * problem.alpha
+    margin = _PRICE_MARGIN * problem.alpha
     count = (aa > u - margin).sum(0)
     lists = []
     for c in range(n_cls):
@@ -191,10 +192,20 @@ def repaired(problem: Problem, selected: np.ndarray, source: str) -> Candidate:
     return Candidate(np.sort(selected), res.assignment, value, source)
 
 
-def solve_milp(problem: Problem, incumbent: Candidate, backend: Backend, *, u: np.ndarray | None,
+def solve_milp(problem: Problem, incumbent: Candidate, backend: Backend, *, lists: list[np.ndarray],
                deadline: float, mip_gap: float, log: Callable[[str], None]) -> MilpResult:
-    """Lazy-distinctness loop of MILP solves, warm-started from `incumbent`, until optimal or `deadline`."""
-    lists = candidate_lists(problem, u, incumbent)
+    """Lazy-distinctness loop of MILP solves, warm-started from `incumbent`, until optimal or `deadline`.
+
+    Args:
+        problem: the instance.
+        incumbent: a feasible answer (the MIP start; kept if nothing better is found).
+        backend: the solver.
+        lists: per class the candidate features of x (`candidate_lists`); grown where overflow is used.
+        deadline: `time.perf_counter()` value at which solving stops.
+        mip_gap: relative gap at which the loop stops.
+        log: progress lines.
+    """
+    lists = [np.asarray(t) for t in lists]
     cuts: dict[tuple[int, ...], list[int]] = {}
     best: Candidate | None = None
     bound, rounds, solves, finished = float("inf"), 0, 0, False
