@@ -101,9 +101,12 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
             say(f"qp: MILP skipped: {columns} columns exceed {_MILP_MAX_COLUMNS} for {backend.name}; "
                 f"the Lagrangian bound continues")
             milp_info = {"milp_skipped": f"{columns} columns"}
-            more = dual_bound(problem, t0 + budget, u0=dual.u, mu0=dual.mu,
+            more = dual_bound(problem, t0 + (1 - _ILS_SHARE) * budget, u0=dual.u, mu0=dual.mu,
                               target=best.value + cfg.mip_gap * abs(best.value))
             bound = min(bound, more.value)
+            top_k = np.sort(np.argsort(-more.g)[:k])  # the refined Lagrangian selection as one more start
+            best = max(best, _polish(problem, Candidate(top_k, [], -np.inf, "bound"), t0 + budget),
+                       key=lambda c: c.value)
         else:
             t1 = time.perf_counter()
             res = solve_milp(problem, best, backend, lists=lists, deadline=t0 + budget, mip_gap=cfg.mip_gap,
