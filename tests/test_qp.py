@@ -28,6 +28,7 @@ from toolkit.qp import (
 )
 from toolkit.qp.__main__ import main
 from toolkit.qp._checks import check_inputs
+from toolkit.qp.assign import distinct_assignment
 from toolkit.qp.backends import resolve_backend
 from toolkit.qp.bound import lagrangian_value
 from toolkit.qp.certificate import verify
@@ -152,6 +153,24 @@ def test_heuristic_is_feasible_and_its_bound_is_valid(seed: int) -> None:
     assert sel.objective <= exact + 1e-9 <= sel.bound + 1e-6
     assert sel.weight.shape == (n_cls, K) and sel.weight.dtype == np.float32
     assert (sel.weight.sum(1) == M).all()
+
+
+def test_distinct_assignment_repairs_collisions_near_the_exact_optimum() -> None:
+    rng = np.random.default_rng(11)
+    A = rng.uniform(0, 1, (8, 6))
+    A[:, 1] = A[:, 2] = A[:, 0]  # three identical classes all want the same top pair
+    p = build_problem(A, np.zeros((8, 8)), k=5, m=2, tau=1.0, w=0.0)
+    sel = np.array([0, 2, 3, 5, 7])
+    res = distinct_assignment(p, sel)
+    assert not duplicate_groups(res.assignment) and res.colliding >= 3
+    subsets = list(itertools.combinations(sel.tolist(), 2))
+    gain = np.array([[A[list(fs), c].sum() for fs in subsets] for c in range(6)])
+    rows, cols = linear_sum_assignment(gain, maximize=True)
+    exact = p.alpha * gain[rows, cols].sum()
+    got = objective(p, sel, res.assignment)
+    assert got == pytest.approx(exact, rel=1e-12)  # identical classes: their three best subsets, exactly
+    assert res.loss == pytest.approx(p.topm_value(sel) - got, rel=1e-9)
+    assert res.class_loss.sum() == pytest.approx(res.loss)
 
 
 def test_lagrangian_bound_is_valid_for_any_multipliers() -> None:

@@ -13,9 +13,11 @@ without --force; 3 the requested solver is unavailable; 4 an answer failed verif
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from toolkit.config import ConfigError, QPConfig
@@ -45,13 +47,27 @@ def _parser() -> argparse.ArgumentParser:
                     help="auto = Gurobi if installed and licensed, else HiGHS (default auto)")
     ap.add_argument("--out", required=True, type=Path, help="answer JSON to write")
     ap.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines (stderr) and no summary (stdout)")
     return ap
 
 
 def _fail(code: int, msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send file-descriptor-level stdout to stderr (HiGHS prints its banner from C++ on first use)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -88,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(2, str(exc))
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
-        sel = solve_qp(A, R, cfg, log=log)
+        with _stdout_to_stderr():
+            sel = solve_qp(A, R, cfg, log=log)
     except QPInputError as exc:  # includes QPInfeasibleError
         return _fail(2, str(exc))
     except QPSolverError as exc:
@@ -96,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except QPVerificationError as exc:
         return _fail(4, f"answer failed verification: {exc}")
     _write_atomic(out, sel.to_json())
-    if log is not None:
-        log(f"wrote {out}: status {sel.status}, objective {sel.objective:.6f}, bound {sel.bound:.6f}, "
-            f"gap {sel.gap:.3%}, {sel.seconds:.1f}s")
+    if not args.quiet:  # the one line on stdout: what was written and how good it is
+        print(f"wrote {out}: status {sel.status}, objective {sel.objective:.6f}, bound {sel.bound:.6f}, "
+              f"gap {sel.gap:.3%}, {sel.seconds:.1f}s")
     return 0
 
 

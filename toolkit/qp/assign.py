@@ -47,7 +47,7 @@ def _cheapest_swaps(problem: Problem, sel: np.ndarray, assignment: Assignment) -
                     if best is not None and loss[i, j] >= best[0]:
                         break
                     new = tuple(sorted(set(current) - {current[i]} | {int(others[j])}))
-                    if new not in used:
+                    if not used.get(new, 0):
                         best = (float(loss[i, j]), c, current[i], int(others[j]))
                         break
             if best is None:
@@ -126,7 +126,7 @@ def _matching(problem: Problem, sel: np.ndarray, assignment: Assignment, movers:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Distinct:
     """A collision-free assignment for one selection, with what distinctness cost."""
 
@@ -151,7 +151,7 @@ def distinct_assignment(problem: Problem, selected: np.ndarray) -> Distinct:
     top = top_m_assignment(problem, sel)
     groups = duplicate_groups(top)
     if not groups:
-        return Distinct(top, 0, 0.0, np.zeros(problem.n_classes))
+        return Distinct(assignment=top, colliding=0, loss=0.0, class_loss=np.zeros(problem.n_classes))
     movers = sorted(itertools.chain.from_iterable(groups.values()))
     swapped, ok = _cheapest_swaps(problem, sel, top)
     out = _matching(problem, sel, swapped if ok else top, movers)
@@ -161,4 +161,4 @@ def distinct_assignment(problem: Problem, selected: np.ndarray) -> Distinct:
     class_loss = np.zeros(problem.n_classes)
     for c in movers:
         class_loss[c] = problem.alpha * float(a[list(top[c]), c].sum() - a[list(out[c]), c].sum())
-    return Distinct(out, len(movers), float(class_loss.sum()), class_loss)
+    return Distinct(assignment=out, colliding=len(movers), loss=float(class_loss.sum()), class_loss=class_loss)

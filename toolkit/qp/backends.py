@@ -49,7 +49,7 @@ class _WarmHighs(HIGHS):
         return super().solve_via_data(data, cache is not None, verbose, solver_opts, cache)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Backend:
     """A resolved MILP solver."""
 
@@ -120,7 +120,7 @@ def resolve_backend(name: str) -> Backend:
         if _gurobi_usable():
             import gurobipy
 
-            return Backend("gurobi", f"{cvx}, Gurobi {'.'.join(map(str, gurobipy.gurobi.version()))}")
+            return Backend(name="gurobi", version=f"{cvx}, Gurobi {'.'.join(map(str, gurobipy.gurobi.version()))}")
         if name == "gurobi":
             raise QPSolverError("solver 'gurobi' needs gurobipy with a valid licence (pip install gurobipy, then "
                                 "a licence file); or use --solver highs (open source, the default)")
@@ -128,8 +128,8 @@ def resolve_backend(name: str) -> Backend:
         if "SCIP" not in installed:
             raise QPSolverError("solver 'scip' needs PySCIPOpt: pip install 'dinoqpm-toolkit[scip]' "
                                 "(or pip install pyscipopt); or use --solver highs")
-        return Backend("scip", f"{cvx}, PySCIPOpt {_version('pyscipopt')}")
+        return Backend(name="scip", version=f"{cvx}, PySCIPOpt {_version('pyscipopt')}")
     if "HIGHS" not in installed:
         raise QPSolverError("no MILP solver: HiGHS is missing (pip install highspy); --solver heuristic runs "
                             "without one")
-    return Backend("highs", f"{cvx}, HiGHS {_version('highspy')}")
+    return Backend(name="highs", version=f"{cvx}, HiGHS {_version('highspy')}")

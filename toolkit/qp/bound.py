@@ -34,7 +34,7 @@ _KEEP_GOING = 1e-6  # repeat the finest stage while it still lowers the bound by
 _PAIR_POOL = 4  # pairs get a multiplier when both ends are among the best _PAIR_POOL * k features
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class DualBound:
     """A valid upper bound and the multipliers that give it."""
 

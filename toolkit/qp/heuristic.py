@@ -33,7 +33,7 @@ _KICK = 4  # features replaced by one iterated-local-search kick
 _PATIENCE = 40  # kicks without improvement before iterated local search gives up
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Candidate:
     """A feasible answer and the objective its producer claims (re-checked by `certificate.verify`)."""
 
@@ -121,7 +121,7 @@ def finish(problem: Problem, sel: np.ndarray, v: float, deadline: float, source:
     their value after de-duplication; the best improving one is applied, until none improves.
     """
     res = distinct_assignment(problem, sel)
-    best = Candidate(sel.copy(), res.assignment, v - res.loss, source)
+    best = Candidate(selected=sel.copy(), assignment=res.assignment, value=v - res.loss, source=source)
     while res.loss > 0 and time.perf_counter() < deadline:
         delta = swap_deltas(problem, best.selected)
         score = delta + _collision_bonus(problem, best.selected, res.class_loss)[None, :]
@@ -137,7 +137,8 @@ def finish(problem: Problem, sel: np.ndarray, v: float, deadline: float, source:
             vt = v + float(delta[i, g])
             rt = distinct_assignment(problem, trial)
             if vt - rt.loss > (improved[0].value if improved else best.value) + 1e-9:
-                improved = (Candidate(trial, rt.assignment, vt - rt.loss, source), vt, rt)
+                cand = Candidate(selected=trial, assignment=rt.assignment, value=vt - rt.loss, source=source)
+                improved = (cand, vt, rt)
         if improved is None:
             break
         best, v, res = improved
@@ -167,10 +168,37 @@ def run_heuristic(problem: Problem, starts: list[np.ndarray], deadline: float, *
         if best is None or cand.value > best.value:
             best = cand
     assert best is not None
+    return iterated_local_search(problem, best, deadline, rng=rng, max_kicks=max_kicks)
+
+
+def iterated_local_search(problem: Problem, best: Candidate, deadline: float, *, rng: np.random.Generator,
+                          max_kicks: int = 200, patience: int = _PATIENCE) -> Candidate:
+    """Kick `_KICK` features of the best answer out for promising ones, descend again, keep improvements.
+
+    Stops at `deadline`, after `max_kicks` kicks, or after `patience` kicks in a row without improvement.
+    """
     n = problem.n_features
     kick = min(_KICK, problem.k, n - problem.k)
     if kick == 0:
         return best
+    pool_size = min(n, 3 * problem.k)
+    stale = 0
+    for _ in range(max_kicks):
+        if time.perf_counter() >= deadline or stale >= patience:
+            break
+        # Kick in features that look good against the current best (random ones are swapped straight back out).
+        promising = np.argsort(swap_deltas(problem, best.selected).max(0))[::-1][:pool_size]
+        pool = np.setdiff1d(promising, best.selected)
+        if len(pool) < kick:
+            pool = np.setdiff1d(np.arange(n), best.selected)
+        sel = best.selected.copy()
+        sel[rng.choice(len(sel), kick, replace=False)] = rng.choice(pool, kick, replace=False)
+        sel, v = local_search(problem, sel, deadline)
+        cand = finish(problem, sel, v, deadline, best.source)
+        stale += 1
+        if cand.value > best.value + 1e-9:
+            best, stale = cand, 0
+    return best
     pool_size = min(n, 3 * problem.k)
     stale = 0
     for _ in range(max_kicks):

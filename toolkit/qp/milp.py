@@ -41,7 +41,7 @@ _PRICE_MARGIN = 0.05  # candidate x: alpha A[f, c] > u_c - this * alpha (u: the 
 _SOLVER_GAP_SHARE = 0.8  # the solver's own relative gap target, as a share of qp.mip_gap
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class MilpResult:
     best: Candidate | None  # best feasible answer the rounds produced (None if the solver produced none)
     bound: float  # smallest valid bound over the rounds (inf if none)
@@ -51,8 +51,18 @@ class MilpResult:
 
 
 def candidate_lists(problem: Problem, u: np.ndarray | None, incumbent: Candidate) -> list[np.ndarray]:
-    """Per class the features that may get x: all of them on small instances, else those worth more than the
-    dual price u_c minus a margin, plus the incumbent's, at least 2m (sorted by value)."""
+    """Per class the features that get an x variable.
+
+    Args:
+        problem: the instance.
+        u: (C,) class prices of the Lagrangian bound, or None.
+        incumbent: its features are always kept, so it is a MIP start without overflow.
+
+    Returns:
+        C ascending index arrays: all features on small instances (F * C <= 40k) or without prices, else the
+        features with alpha A[f, c] > u_c - 0.05 alpha (at least 2m, the best by A), the only ones with x > 0 in
+        an LP optimum with these prices, plus a margin.
+    """
     n, n_cls, m = problem.n_features, problem.n_classes, problem.m
     if n * n_cls <= _FULL_ENTRIES or u is None:
         return [np.arange(n) for _ in range(n_cls)]
@@ -189,7 +199,7 @@ def repaired(problem: Problem, selected: np.ndarray, source: str) -> Candidate:
     """A feasible answer for a selection: distinct assignment, value from top-m minus its losses."""
     res = distinct_assignment(problem, selected)
     value = problem.topm_value(selected) - problem.penalty(selected) - res.loss
-    return Candidate(np.sort(selected), res.assignment, value, source)
+    return Candidate(selected=np.sort(selected), assignment=res.assignment, value=value, source=source)
 
 
 def solve_milp(problem: Problem, incumbent: Candidate, backend: Backend, *, lists: list[np.ndarray],
@@ -230,7 +240,7 @@ def solve_milp(problem: Problem, incumbent: Candidate, backend: Backend, *, list
             f"bound {bound:.4f}, {sum(map(len, dups.values()))} colliding, {len(grow)} overflowing "
             f"({time.perf_counter() - t0:.1f}s)")
         if assignment is not None and not dups:
-            cand = Candidate(sel, assignment, value, backend.name)
+            cand = Candidate(selected=sel, assignment=assignment, value=value, source=backend.name)
             finished = status == "optimal"
         else:
             cand = repaired(problem, sel, f"{backend.name}+repair")

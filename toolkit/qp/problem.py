@@ -16,7 +16,7 @@ import scipy.sparse as sp
 Assignment = list[tuple[int, ...]]  # per class (class order), the sorted feature indices it uses
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Problem:
     """One instance: maximise alpha <A, X> - sum over selected penalised pairs of w * R[i, j].
 

@@ -19,7 +19,7 @@ from toolkit.qp._checks import QPVerificationError, check_inputs, check_solver_n
 from toolkit.qp.backends import Backend, resolve_backend
 from toolkit.qp.bound import dual_bound
 from toolkit.qp.certificate import Selection, verify, weight_matrix
-from toolkit.qp.heuristic import Candidate, finish, local_search, run_heuristic
+from toolkit.qp.heuristic import Candidate, finish, iterated_local_search, local_search, run_heuristic
 from toolkit.qp.milp import candidate_lists, solve_milp
 from toolkit.qp.problem import Problem, build_problem, input_sha256
 from toolkit.qp.threshold import choose_tau
@@ -31,11 +31,14 @@ _MILP_MAX_COLUMNS = 120_000  # x + y columns above which HiGHS/SCIP are not trie
 _BOUND_SLACK = 1e-5  # a bound below the objective by more than this (relative) means a bug, not rounding
 
 
-def _polish(problem: Problem, cand: Candidate, deadline: float) -> Candidate:
+def _polish(problem: Problem, selected: np.ndarray, source: str, deadline: float) -> Candidate:
     """Local search plus distinctness-aware polishing from another method's selection."""
-    sel, v = local_search(problem, cand.selected, deadline)
-    out = finish(problem, sel, v, deadline, f"{cand.source}+ls")
-    return out if out.value > cand.value else cand
+    sel, v = local_search(problem, selected, deadline)
+    return finish(problem, sel, v, deadline, f"{source}+ls")
+
+
+def _better(a: Candidate, b: Candidate) -> Candidate:
+    return b if b.value > a.value else a
 
 
 def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
@@ -85,8 +88,7 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     bound = dual.value
     # The Lagrangian's own selection (top-k scores) is a further start for the local search.
     top_k = np.sort(np.argsort(-dual.g)[:k])
-    best = max(best, _polish(problem, Candidate(top_k, [], -np.inf, "bound"), t0 + budget),
-               key=lambda c: c.value)
+    best = _better(best, _polish(problem, top_k, "bound", t0 + budget))
     t_bound = time.perf_counter() - t1
     say(f"qp: Lagrangian bound {bound:.6f}, gap {rel_gap(best.value, bound):.3%} ({t_bound:.1f}s)")
 
@@ -105,8 +107,10 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
                               target=best.value + cfg.mip_gap * abs(best.value))
             bound = min(bound, more.value)
             top_k = np.sort(np.argsort(-more.g)[:k])  # the refined Lagrangian selection as one more start
-            best = max(best, _polish(problem, Candidate(top_k, [], -np.inf, "bound"), t0 + budget),
-                       key=lambda c: c.value)
+            best = _better(best, _polish(problem, top_k, "bound", t0 + budget))
+            # Whatever time the bound left (it stops once it stalls) goes to the primal side.
+            best = iterated_local_search(problem, best, t0 + budget, rng=np.random.default_rng(1),
+                                         max_kicks=10**6, patience=10**6)
         else:
             t1 = time.perf_counter()
             res = solve_milp(problem, best, backend, lists=lists, deadline=t0 + budget, mip_gap=cfg.mip_gap,
@@ -114,8 +118,9 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
             rounds = res.rounds
             bound = min(bound, res.bound)
             if res.best is not None:
-                cand = res.best if "repair" not in res.best.source else _polish(problem, res.best, t0 + budget)
-                best = max(best, cand, key=lambda c: c.value)
+                best = _better(best, res.best)
+                if "repair" in res.best.source:  # a repaired MILP selection may sit next to a better one
+                    best = _better(best, _polish(problem, res.best.selected, res.best.source, t0 + budget))
             milp_info = {"milp_bound": res.bound, "milp_solves": res.solves, "milp_finished": res.finished,
                          "milp_seconds": time.perf_counter() - t1}
 
