@@ -157,7 +157,7 @@ class QPConfig:
     redundancy_threshold: float | None = None  # tau; None = lowest tau with k pairwise-compatible features
     redundancy_weight: float = 1.0  # w: weight of the R penalty on selected pairs above tau
     solver: Literal["auto", "highs", "scip", "gurobi", "heuristic"] = "auto"
-    time_limit: float = 60.0  # seconds for the MILP (the heuristic always runs first)
+    time_limit: float = 60.0  # seconds for the whole solve: heuristic search, bound and MILP
     mip_gap: float = 0.005  # relative gap at which the MILP stops (the reference's MIPGap)
 
     def __post_init__(self) -> None:
