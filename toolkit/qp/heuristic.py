@@ -199,21 +199,3 @@ def iterated_local_search(problem: Problem, best: Candidate, deadline: float, *,
         if cand.value > best.value + 1e-9:
             best, stale = cand, 0
     return best
-    pool_size = min(n, 3 * problem.k)
-    stale = 0
-    for _ in range(max_kicks):
-        if time.perf_counter() >= deadline or stale >= _PATIENCE:
-            break
-        # Kick in features that look good against the current best (random ones are swapped straight back out).
-        promising = np.argsort(swap_deltas(problem, best.selected).max(0))[::-1][:pool_size]
-        pool = np.setdiff1d(promising, best.selected)
-        if len(pool) < kick:
-            pool = np.setdiff1d(np.arange(n), best.selected)
-        sel = best.selected.copy()
-        sel[rng.choice(len(sel), kick, replace=False)] = rng.choice(pool, kick, replace=False)
-        sel, v = local_search(problem, sel, deadline)
-        cand = finish(problem, sel, v, deadline, "heuristic")
-        stale += 1
-        if cand.value > best.value + 1e-9:
-            best, stale = cand, 0
-    return best
