@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
-export PYTHONPATH := $(CURDIR)
+# One thread per process: DeepSpeed/torch ranks and Ray workers share the cores instead of oversubscribing them.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: install data demo test lint clean
 
@@ -18,13 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The real data (Fashion-MNIST) that the demo and the real-data tests use.
 data:
 	@if [ -n "$(findstring data.root=,$(DEMO_ARGS))" ]; then echo "using $(DEMO_ARGS)"; else bash scripts/fetch_data.sh; fi
 
 demo: install data
 	$(BIN)/python launch/train.py --config configs/demo.yaml $(DEMO_ARGS)
 
-test: install
+test: install data
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -37,9 +37,13 @@ import torch  # noqa: E402
 
 from export._fold import fold_model  # noqa: E402
 from export._graph import DeployModel, UnfoldedModel, export_graph  # noqa: E402
-from toolkit.backbone import create_backbone  # noqa: E402
 from toolkit.config import AdapterConfig, BackboneConfig  # noqa: E402
-from toolkit.model import DinoQPM, SparseHead, build_dense_model  # noqa: E402
+from toolkit.model import (  # noqa: E402
+    DinoQPM,
+    SparseHead,
+    build_dense_model,
+    create_backbone,  # noqa: E402
+)
 
 N_CLASSES, K, M = 200, 50, 5
 

@@ -4,7 +4,7 @@ Instances follow qpbench.md ("Instances"): 30 images per class; a 64-d latent sp
 prototype 0.8 * superclass centre + 0.6 * noise, per-image noise 0.9); pooled non-negative features
 ReLU(W z + 0.5 eps - 0.4) whose rows W come from F/8 shared feature families (0.75 family + 0.66 own), so groups
 of features are redundant; about 60 % of activations are 0. A and R are then computed exactly as in the pipeline
-(toolkit.qp_inputs).
+(toolkit.qp.inputs).
 
 Three redundancy thresholds:
 * "reference": tau = None, the clique rule the toolkit uses by default (qpm.md §3.3), which penalises ~10 % of
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolkit.config import QPConfig  # noqa: E402
 from toolkit.qp import choose_tau, solve_qp  # noqa: E402
-from toolkit.qp_inputs import correlation_A, similarity_R  # noqa: E402
+from toolkit.qp.inputs import correlation_A, similarity_R  # noqa: E402
 
 SIZES = {"cub": (512, 200), "imagenet": (2048, 1000)}  # (F, C); k = 50, m = 5 for both
 

@@ -18,13 +18,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit.backbone import create_backbone  # noqa: E402
-from toolkit.cache import build_tokens, live_split  # noqa: E402
 from toolkit.config import load_config  # noqa: E402
+from toolkit.console import Console  # noqa: E402
 from toolkit.data import load_dataset  # noqa: E402
-from toolkit.loop import make_loader, train_epoch  # noqa: E402
-from toolkit.model import build_dense_model  # noqa: E402
-from toolkit.runtime import Console, TorchEngine  # noqa: E402
+from toolkit.model import (
+    build_dense_model,  # noqa: E402
+    create_backbone,  # noqa: E402
+)
+from toolkit.stages.tokens import build_tokens, live_split  # noqa: E402
+from toolkit.train import TorchEngine  # noqa: E402
+from toolkit.train.loop import make_loader, train_epoch  # noqa: E402
 
 
 def dense_epoch_seconds(split, cfg, backbone) -> float:

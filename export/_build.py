@@ -34,12 +34,10 @@ from export._metadata import (
     set_metadata,
 )
 from export._parity import ParityResult, make_gate_images, open_session, run_gate
-from toolkit.backbone import create_backbone
-from toolkit.checkpoint import load_checkpoint
 from toolkit.config import RunConfig, load_config
 from toolkit.data import load_dataset
-from toolkit.model import STD_FLOOR, DinoQPM, SparseHead
-from toolkit.runtime import seed_everything
+from toolkit.distributed import seed_everything
+from toolkit.model import STD_FLOOR, DinoQPM, SparseHead, create_backbone, load_checkpoint
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the weights go to `<out>.data` (protobuf's 2 GiB limit)
 

@@ -18,8 +18,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from toolkit.adapter import TokenMLP
 from toolkit.model import STD_FLOOR, DinoQPM, SparseHead
+from toolkit.model.adapter import TokenMLP
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ class DeployModel(nn.Module):
     """What the ONNX graph computes: normalise, frozen ViT, folded adapter and head.
 
     Args:
-        vit: the timm ViT of `toolkit.backbone.Backbone` (`backbone.model`), eval mode.
+        vit: the timm ViT of `toolkit.model.Backbone` (`backbone.model`), eval mode.
         folded: `export._fold.fold_model(model)`.
         mean, std: the backbone's normalisation, per channel.
         reference_minmax: bake the reference's min-max quirk into the graph.

@@ -79,7 +79,7 @@ def build_metadata(*, info: Mapping[str, Any], weight: np.ndarray, mean: np.ndar
     """The metadata of one export, as {key: string}.
 
     Args:
-        info: checkpoint info (`toolkit.checkpoint.load_checkpoint`): classes, selection, image size, mean/std,
+        info: checkpoint info (`toolkit.model.load_checkpoint`): classes, selection, image size, mean/std,
             backbone, weights_hash, dataset_variant, toolkit_version, config_hash.
         weight: the binary class-feature matrix W, shape (C, k).
         mean, std: the head's standardisation, shape (k,), std already floored at 1e-6.

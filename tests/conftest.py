@@ -26,3 +26,16 @@ def weights_cache() -> Path:
     path = ROOT / ".cache" / "weights"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root() -> Path:
+    """The real Fashion-MNIST IDX files. `make test` fetches them (scripts/fetch_data.sh); a missing copy is a
+    failure that says how to get it, never a silent skip."""
+    from toolkit.data import FASHION_MNIST_ROOT
+
+    root = Path(os.environ.get("DINOQPM_FASHION_MNIST", FASHION_MNIST_ROOT))
+    if not (root / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.fail(f"Fashion-MNIST is not in {root}: run `make data` (installs the Debian package "
+                    "dataset-fashion-mnist), or set DINOQPM_FASHION_MNIST to a folder with the four IDX .gz files")
+    return root

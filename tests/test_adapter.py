@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolkit.adapter import TokenMLP, from_config, parameter_count
 from toolkit.config import AdapterConfig
+from toolkit.model.adapter import TokenMLP, from_config, parameter_count
 
 
 def test_shapes_and_non_negative_with_relu() -> None:

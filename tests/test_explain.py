@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from toolkit.adapter import TokenMLP
 from toolkit.explain import (
     check_additivity,
     contrast_explanation,
@@ -27,6 +26,7 @@ from toolkit.explain import (
 )
 from toolkit.explain.cli import main as explain_main
 from toolkit.model import DinoQPM, SparseHead
+from toolkit.model.adapter import TokenMLP
 
 D, F, GRID = 6, 8, (3, 3)
 P = GRID[0] * GRID[1]

@@ -31,14 +31,19 @@ from export._graph import normalise  # noqa: E402
 from export._metadata import read_metadata  # noqa: E402
 from export._parity import make_gate_images, open_session, run_gate, to_unit_tensor  # noqa: E402
 from export.onnx import main as export_main  # noqa: E402
-from toolkit.adapter import TokenMLP  # noqa: E402
-from toolkit.backbone import Backbone, create_backbone  # noqa: E402
-from toolkit.checkpoint import load_checkpoint  # noqa: E402
 from toolkit.config import load_config  # noqa: E402
 from toolkit.data import make_transform  # noqa: E402
+from toolkit.distributed import seed_everything  # noqa: E402
 from toolkit.explain import explain_tokens  # noqa: E402
-from toolkit.model import DinoQPM, SparseHead, join_tokens  # noqa: E402
-from toolkit.runtime import seed_everything  # noqa: E402
+from toolkit.model import (  # noqa: E402  # noqa: E402
+    Backbone,
+    DinoQPM,
+    SparseHead,
+    create_backbone,
+    join_tokens,
+    load_checkpoint,  # noqa: E402
+)
+from toolkit.model.adapter import TokenMLP  # noqa: E402
 
 PREDICT = ROOT / "export" / "predict.py"
 FORBIDDEN_IN_PREDICT = ("torch", "torchvision", "timm", "toolkit", "export", "matplotlib", "onnxscript")

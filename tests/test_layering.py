@@ -1,5 +1,6 @@
-"""One-way imports (style.md module map): toolkit never imports launch/tune/export, and inside toolkit a module
-imports only modules that come before it in the data flow."""
+"""One-way imports: toolkit never imports launch/tune/export, and inside toolkit a package or module imports only
+from the ones before it in `ORDER` (the foundation first, the stages and the pipeline last), so no library ever
+imports a stage."""
 
 from __future__ import annotations
 
@@ -7,16 +8,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Data flows down this list; config/artifacts/runtime are the foundation every module may use.
-ORDER = ["config", "runtime", "_deepspeed", "artifacts", "_datasets", "data", "_imgfocus", "backbone", "cache",
-         "adapter", "model", "losses", "checkpoint", "loop", "dense", "qp_inputs", "qp", "finetune", "metrics",
-         "explain", "evaluate", "pipeline"]
+# Top-level modules and packages of toolkit, from the foundation up; imports flow from later to earlier entries.
+ORDER = ["config", "files", "distributed", "console", "artifacts", "data", "model", "cache", "train", "qp", "metrics",
+         "runs", "explain", "stages", "pipeline"]
 APPS = ("launch", "tune", "export")
-
-
-def _module_of(path: Path) -> str:
-    rel = path.relative_to(ROOT / "toolkit")
-    return rel.parts[0].removesuffix(".py") if rel.parts else ""
 
 
 def _imports(path: Path) -> list[str]:
@@ -30,32 +25,48 @@ def _imports(path: Path) -> list[str]:
     return names
 
 
-def test_toolkit_never_imports_apps() -> None:
-    for path in (ROOT / "toolkit").rglob("*.py"):
-        for name in _imports(path):
-            assert name.split(".")[0] not in APPS, f"{path}: imports {name}"
-
-
-def test_toolkit_imports_flow_one_way() -> None:
-    for path in (ROOT / "toolkit").rglob("*.py"):
-        me = _module_of(path)
-        if me in ("__init__", "__main__") or me not in ORDER:
-            assert me in ("__init__", "__main__"), f"toolkit/{me} is not in the module map ORDER of this test"
-            continue
+def violations(package: Path, order: list[str] = ORDER) -> list[str]:
+    """Every import in `package` (a toolkit source tree) that breaks the layering, as readable lines."""
+    out: list[str] = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        me = rel.parts[0].removesuffix(".py")
         for name in _imports(path):
             parts = name.split(".")
+            if parts[0] in APPS:
+                out.append(f"{rel}: imports the entry point {name}")
             if parts[0] != "toolkit" or len(parts) < 2 or parts[1] == "__version__":
                 continue
             dep = parts[1]
-            if dep == me:
+            if me in ("__init__", "__main__") or dep == me:
                 continue
-            assert dep in ORDER, f"{path}: imports toolkit.{dep}, which is not in the module map"
-            assert ORDER.index(dep) < ORDER.index(me), f"{path} ({me}) imports toolkit.{dep}, which comes after it"
+            if me not in order:
+                out.append(f"{rel}: toolkit.{me} is not in the module map ORDER")
+            elif dep not in order:
+                out.append(f"{rel}: imports toolkit.{dep}, which is not in the module map ORDER")
+            elif order.index(dep) > order.index(me):
+                out.append(f"{rel}: toolkit.{me} imports toolkit.{dep}, which comes after it")
+    return out
 
 
-def test_layering_check_catches_a_backwards_import(tmp_path: Path) -> None:
-    # The checker itself must be able to fail: an import of a later module is flagged.
-    fake = tmp_path / "x.py"
-    fake.write_text("from toolkit.pipeline import run_pipeline\nimport launch.train\n")
-    names = _imports(fake)
-    assert "toolkit.pipeline" in names and "launch.train" in names
+def test_toolkit_imports_flow_one_way() -> None:
+    assert violations(ROOT / "toolkit") == []
+
+
+def test_every_toolkit_module_is_in_the_map() -> None:
+    tops = {p.name.removesuffix(".py") for p in (ROOT / "toolkit").iterdir()
+            if (p.suffix == ".py" or (p / "__init__.py").is_file())} - {"__init__", "__main__", "__pycache__"}
+    assert tops == set(ORDER)
+
+
+def test_layering_check_fails_on_a_library_importing_a_stage(tmp_path: Path) -> None:
+    # The checker itself must be able to fail: a library (model) that imports a stage, and one that imports an
+    # entry point, are both flagged; the same imports the other way round are fine.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "model" / "bad.py").write_text("from toolkit.stages.dense import run_dense\nimport launch.train\n")
+    (tmp_path / "stages" / "good.py").write_text("from toolkit.model import DinoQPM\nfrom toolkit.stages import x\n")
+    found = violations(tmp_path)
+    assert any("toolkit.model imports toolkit.stages" in v for v in found), found
+    assert any("entry point launch.train" in v for v in found), found
+    assert not any("good.py" in v for v in found), found

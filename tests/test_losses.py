@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from toolkit.losses import cross_entropy, feature_diversity_loss, l1_maps, l1_vector, total_loss
+from toolkit.train.losses import cross_entropy, feature_diversity_loss, l1_maps, l1_vector, total_loss
 
 
 def _softmax(xs: list[float]) -> list[float]:

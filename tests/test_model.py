@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolkit.adapter import TokenMLP
 from toolkit.config import AdapterConfig
 from toolkit.model import (
     DenseHead,
@@ -16,6 +15,7 @@ from toolkit.model import (
     join_tokens,
     split_tokens,
 )
+from toolkit.model.adapter import TokenMLP
 
 D, F, C, GRID = 6, 8, 3, (2, 3)
 P = GRID[0] * GRID[1]

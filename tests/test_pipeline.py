@@ -9,9 +9,8 @@ import pytest
 import torch
 import yaml
 
-from toolkit.checkpoint import load_checkpoint
 from toolkit.config import load_config
-from toolkit.model import DinoQPM, SparseHead
+from toolkit.model import DinoQPM, SparseHead, load_checkpoint
 from toolkit.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

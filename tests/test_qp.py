@@ -32,9 +32,9 @@ from toolkit.qp.assign import distinct_assignment
 from toolkit.qp.backends import resolve_backend
 from toolkit.qp.bound import lagrangian_value
 from toolkit.qp.certificate import verify
+from toolkit.qp.inputs import save_inputs, similarity_R
 from toolkit.qp.problem import duplicate_groups, top_m_assignment
 from toolkit.qp.threshold import _largest_compatible, symmetric_upper
-from toolkit.qp_inputs import save_inputs, similarity_R
 
 F, C, K, M = 10, 5, 5, 2
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolkit.qp_inputs import correlation_A, load_inputs, save_inputs, similarity_R
+from toolkit.qp.inputs import correlation_A, load_inputs, save_inputs, similarity_R
 
 
 def _data(seed: int = 0, n: int = 60, f: int = 7, c: int = 4) -> tuple[np.ndarray, np.ndarray]:

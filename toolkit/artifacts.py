@@ -2,14 +2,13 @@
 
 A key is sha256 over (stage name, config slice, upstream keys, code and library versions). A hit loads, a miss
 computes into a temporary directory that is renamed only when complete, so an interrupted stage is never reused
-(unlike the reference's "file exists, so skip", dino_qpm.md §2.0). Every artefact directory holds a
+(unlike the reference code's "file exists, so skip"; docs/method.md#differences). Every artefact directory holds a
 `manifest.json`: stage, key, config slice, upstream keys, versions, metrics and wall time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -22,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from toolkit import __version__
-from toolkit.runtime import barrier, broadcast_object, dist_info, distributed
+from toolkit.distributed import barrier, broadcast_object, dist_info, distributed
+from toolkit.files import jsonable
 
 MANIFEST = "manifest.json"
 # Directory -> whether this process's last get_or_run for it loaded (True) or built (False) it; run manifests
@@ -48,23 +49,11 @@ def library_versions() -> dict[str, str]:
             "numpy": np.__version__}
 
 
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"cannot hash {type(obj).__name__}")
-
-
 def content_key(stage: str, config: Any, upstream: dict[str, str] | None = None, extra: Any = None) -> str:
     """Stable hex key of a stage's inputs (config slice, upstream artefact keys, anything else it reads)."""
     payload = {"stage": stage, "config": config, "upstream": upstream or {}, "extra": extra,
                "versions": library_versions()}
-    blob = json.dumps(payload, sort_keys=True, default=_jsonable).encode()
+    blob = json.dumps(payload, sort_keys=True, default=jsonable).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
@@ -82,7 +71,7 @@ class Manifest:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def write(self, directory: Path) -> None:
-        text = json.dumps(dataclasses.asdict(self), indent=2, default=_jsonable)
+        text = json.dumps(dataclasses.asdict(self), indent=2, default=jsonable)
         (directory / MANIFEST).write_text(text)
 
     @classmethod
@@ -124,8 +113,7 @@ def _get_or_run_local(
         return final, Manifest.read(final), True
     final.parent.mkdir(parents=True, exist_ok=True)
     # One builder per key across processes (concurrent sweep trials): the others wait, then load.
-    with open(final.parent / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(final.parent / f".{key}.lock"):
         if (final / MANIFEST).is_file():
             if log:
                 log(f"{stage}: built by another process ({final})")
@@ -186,10 +174,3 @@ def _get_or_run_ranks(
     if log:
         log(f"{stage}: built in {manifest.seconds:.1f}s ({final})")
     return final, manifest, False
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -27,13 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from toolkit.artifacts import content_key, get_or_run
-from toolkit.backbone import Backbone, weights_identity
-from toolkit.config import BackboneConfig, CacheConfig, DataConfig
+from toolkit.artifacts import content_key
+from toolkit.config import BackboneConfig, DataConfig
+from toolkit.console import Console
 from toolkit.data import make_transform, mask_to_grid
-from toolkit.runtime import Console, barrier, dist_info
+from toolkit.model import Backbone, weights_identity
 
-LAYER = "last-block+final-norm"  # which tokens are cached (dino_qpm.md §1.3: last block, use_norm=True)
+LAYER = "last-block+final-norm"  # which tokens are cached (docs/method.md#model: last block, use_norm=True)
 
 
 @dataclass(frozen=True)
@@ -197,44 +196,3 @@ def extract_tokens(backbone: Backbone, dataset: Any, out: Path, *, image_size: i
         if arr is not None:
             arr.flush()
     return len(indices)
-
-
-def live_split(data: DataConfig, backbone_cfg: BackboneConfig, split: str, dataset: Any, *, seed: int,
-               backbone: Backbone) -> LiveSplit:
-    """A split served live (cache.mode=live): nothing is written, the backbone runs in the training loop."""
-    key, _ = token_key(data, backbone_cfg, split, list(dataset.ids), seed)
-    return LiveSplit(dataset=dataset, backbone=backbone, data=data, key=key)
-
-
-def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheConfig, split: str, dataset: Any,
-                 *, seed: int, get_backbone: Callable[[], Backbone], console: Console) -> TokenStore:
-    """The cached tokens of one split; `get_backbone` is called only when the store has to be built."""
-    key, slice_ = token_key(data, backbone_cfg, split, list(dataset.ids), seed)
-
-    def build(tmp: Path) -> dict[str, Any]:
-        info = dist_info()
-        backbone = get_backbone()
-        grid = backbone.grid(data.image_size)
-        if info.is_main:
-            has_masks = len(dataset) > 0 and dataset[0][2] is not None
-            allocate_store(tmp, n=len(dataset), grid=grid, dim=backbone.embed_dim, masks=has_masks)
-        barrier()
-        t0 = time.perf_counter()
-        n = extract_tokens(backbone, dataset, tmp, image_size=data.image_size,
-                           reference_minmax=data.reference_minmax, batch_size=backbone_cfg.batch_size,
-                           console=console, desc=f"backbone tokens ({split})", shard=(info.rank, info.world_size))
-        seconds = time.perf_counter() - t0
-        barrier()
-        if not info.is_main:
-            return {}
-        np.save(tmp / "labels.npy", np.asarray(dataset.labels, dtype=np.int64))
-        meta = {"grid": list(grid), "classes": list(dataset.classes), "ids": list(dataset.ids),
-                "variant": dataset.variant, "embed_dim": backbone.embed_dim, "backbone": backbone.name,
-                "weights": backbone.weights_hash, "mean": list(backbone.mean), "std": list(backbone.std)}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        # Rank 0's throughput; every rank encodes about len(dataset) / world_size images.
-        return {"images": len(dataset), "images_per_second_rank0": round(n / max(seconds, 1e-9), 2),
-                "world_size": info.world_size}
-
-    directory, _, _ = get_or_run(Path(cache.root), "tokens", key, build, config=slice_, log=console.log)
-    return TokenStore(directory, key)

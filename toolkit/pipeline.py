@@ -22,25 +22,27 @@ from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
-from toolkit.artifacts import was_cached, write_json
-from toolkit.backbone import Backbone, create_backbone
-from toolkit.cache import build_tokens, live_split
-from toolkit.config import RunConfig, load_config, save_config, to_dict
+from toolkit.artifacts import was_cached
+from toolkit.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from toolkit.console import Console
 from toolkit.data import load_dataset
-from toolkit.dense import DenseResult, Split, TrainContext, run_dense, run_probe
-from toolkit.evaluate import evaluate_run
-from toolkit.finetune import SelectionResult, run_finetune, run_selection
-from toolkit.runtime import (
-    Console,
+from toolkit.distributed import (
     DistInfo,
-    TorchEngine,
     barrier,
-    deepspeed_requested,
     init_distributed,
     resolve_device,
     resolve_precision,
     seed_everything,
 )
+from toolkit.files import write_json
+from toolkit.model import Backbone, create_backbone
+from toolkit.stages.dense import DenseResult, run_dense
+from toolkit.stages.evaluate import evaluate_run
+from toolkit.stages.finetune import run_finetune
+from toolkit.stages.probe import run_probe
+from toolkit.stages.select import SelectionResult, run_selection
+from toolkit.stages.tokens import build_tokens, live_split
+from toolkit.train import Split, TrainContext, make_engine_factory
 
 
 @dataclass
@@ -51,55 +53,81 @@ class PipelineResult:
     backbone_builds: int  # how many times the backbone was constructed (0 when every token store was cached)
 
 
-# Settings that change how a run executes, not what it computes: a resumed run is the same run.
-_EXECUTION_ONLY = ("resume", "progress")
+# Settings that change where or how a run executes, not what it computes: a resumed run, or the same config from
+# another checkout or output folder, is the same run.
+_EXECUTION_ONLY = {"runtime": ("resume", "progress", "output_dir", "run_name", "collective_timeout_s"),
+                   "cache": ("root",)}
 
 
 def _identity(cfg: RunConfig) -> dict[str, Any]:
     d = to_dict(cfg)
-    for k in _EXECUTION_ONLY:
-        d["runtime"].pop(k)
+    for section, keys in _EXECUTION_ONLY.items():
+        for k in keys:
+            d[section].pop(k, None)
+    if cfg.runtime.deepspeed_config is not None:  # what the engine reads, not where the file lives
+        path = Path(cfg.runtime.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"config key 'runtime.deepspeed_config': file {path} not found; point it at a DeepSpeed "
+                              "JSON such as launch/ds_config.json, or leave it null for the built-in default")
+        d["runtime"]["deepspeed_config"] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     return d
 
 
 def config_hash(cfg: RunConfig) -> str:
+    """12 hex digits over everything the run computes (not where it runs or writes)."""
     return hashlib.sha256(json.dumps(_identity(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def prepare_run_dir(cfg: RunConfig, info: DistInfo) -> Path:
-    """The run directory; refuses to reuse a directory that holds a different configuration."""
-    name = cfg.runtime.run_name or f"{cfg.data.dataset}-{config_hash(cfg)}"
-    run_dir = Path(cfg.runtime.output_dir) / name
+def run_dir_for(cfg: RunConfig, preset: str | None = None) -> Path:
+    """`runtime.output_dir / runtime.run_name`, or `<preset or dataset>-<config hash>` when no name is set, so the
+    same config always lands in the same directory and any other config gets its own."""
+    name = cfg.runtime.run_name or f"{preset or cfg.data.dataset}-{config_hash(cfg)}"
+    return Path(cfg.runtime.output_dir) / name
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse a directory that holds a run of a different configuration (only possible with a pinned run_name)."""
     old = run_dir / "config.yaml"
     if old.is_file() and _identity(load_config(old)) != _identity(cfg):
         raise FileExistsError(f"{run_dir} already holds a run with a different config; nothing was overwritten. "
-                              "Choose another runtime.run_name (or runtime.output_dir), or delete that directory.")
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, old)
-    barrier()
-    return run_dir
+                              "Leave runtime.run_name unset (each config gets its own directory), choose another "
+                              "name, or delete that directory.")
 
 
-def make_engine_factory(cfg: RunConfig, device: Any, precision: str) -> Any:
-    if deepspeed_requested(cfg.runtime):
-        from toolkit._deepspeed import DeepSpeedEngine
-
-        return lambda module, tcfg, steps, name: DeepSpeedEngine(module=module, cfg=tcfg, runtime=cfg.runtime,
-                                                                   total_steps=steps, device=device,
-                                                                   precision=precision)
-    return lambda module, tcfg, steps, name: TorchEngine(module=module, cfg=tcfg, total_steps=steps, device=device,
-                                                         grad_accum=cfg.runtime.grad_accum, precision=precision)
-
-
-def run_pipeline(cfg: RunConfig, *, until: str = "evaluate",
+def run_pipeline(cfg: RunConfig, *, until: str = "evaluate", preset: str | None = None,
                  on_epoch: Callable[[str, dict[str, float]], None] | None = None) -> PipelineResult:
     """Run every stage (or up to `until`: tokens, dense, qp, finetune, evaluate) and write the run directory.
 
-    `on_epoch(stage, metrics)` is called after each training epoch that actually runs (not for cached stages).
+    Args:
+        preset: name of the YAML preset, used in the default run directory name (`<preset>-<config hash>`).
+        on_epoch: called as `on_epoch(stage, metrics)` after each training epoch that actually runs (not for
+            cached stages).
+
+    The datasets are opened before anything is written, so a wrong `data.root` fails without leaving a directory;
+    a run whose first stage fails removes the directory it created.
     """
     info = init_distributed(cfg.runtime)
-    run_dir = prepare_run_dir(cfg, info)
+    run_dir = run_dir_for(cfg, preset)
+    check_run_dir(cfg, run_dir)
+    datasets = {split: load_dataset(cfg.data, split) for split in ("train", "test")}
+    created = not run_dir.exists()
+    barrier()  # every rank has looked before rank 0 creates it
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    barrier()
+    stages: dict[str, dict[str, Any]] = {}
+    try:
+        return _run_stages(cfg, run_dir, datasets, stages, info=info, until=until, on_epoch=on_epoch)
+    except BaseException:
+        if created and not stages and info.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages: dict[str, dict[str, Any]], *,
+                info: DistInfo, until: str,
+                on_epoch: Callable[[str, dict[str, float]], None] | None) -> PipelineResult:
     console = Console(progress=cfg.runtime.progress, log_file=run_dir / "log.txt")
     device = resolve_device(cfg.runtime)
     precision = resolve_precision(cfg.runtime, device)
@@ -107,10 +135,9 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate",
                 f"toolkit={__version__} run_dir={run_dir}")
     root = Path(cfg.cache.root)
     ctx = TrainContext(console=console, device=device, seed=cfg.runtime.seed, grad_accum=cfg.runtime.grad_accum,
-                       make_engine=make_engine_factory(cfg, device, precision),
+                       make_engine=make_engine_factory(cfg.runtime, device, precision),
                        checkpoint_every=cfg.runtime.checkpoint_every, resume=cfg.runtime.resume,
                        on_epoch=on_epoch)
-    stages: dict[str, dict[str, Any]] = {}
     builds = [0]
     backbone: list[Backbone] = []
 
@@ -131,7 +158,7 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate",
     stores: dict[str, Split] = {}
     for split in ("train", "test"):
         t0 = time.perf_counter()
-        dataset = load_dataset(cfg.data, split)
+        dataset = datasets[split]
         if cfg.cache.mode == "live":
             stores[split] = live_split(cfg.data, cfg.backbone, split, dataset, seed=cfg.runtime.seed,
                                        backbone=get_backbone())

@@ -33,7 +33,7 @@ SPLITS = ("train", "test")  # the pipeline extracts one token store per split
 # toolkit.artifacts.get_or_run logs "<stage>: built in ..." when this process built the artefact, and "cached" or
 # "built by another process" when it loaded one; the run's log.txt therefore says which token stores a trial made.
 _TOKENS_BUILT = re.compile(r"\btokens: built in ")
-# Interpretability metrics read from metrics.json's "qpm" section when toolkit.evaluate wrote them.
+# Interpretability metrics read from metrics.json's "qpm" section when the evaluate stage wrote them.
 INTERP_KEYS = ("sid_at_5", "plausibility", "class_independence", "contrastiveness", "correlation",
                "structural_grounding")
 # Keys present in every report (Tune checks that the scheduler's and searcher's metrics are in each result).

@@ -17,15 +17,13 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from toolkit.artifacts import write_json
-from toolkit.backbone import create_backbone
-from toolkit.checkpoint import load_checkpoint
 from toolkit.config import load_config
 from toolkit.data import make_transform
+from toolkit.distributed import seed_everything
 from toolkit.explain.render import render_local
 from toolkit.explain.views import explain_tokens
-from toolkit.model import DinoQPM, SparseHead, join_tokens
-from toolkit.runtime import seed_everything
+from toolkit.files import write_json
+from toolkit.model import DinoQPM, SparseHead, create_backbone, join_tokens, load_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PREDICTIONS = "predictions.json"

@@ -1,7 +1,7 @@
 """PNG rendering of the explanation views with matplotlib's object API (no pyplot state, no display needed).
 
-Maps are shown as the reference shows them (dino_qpm.md §6): the raw adapter map on the patch grid, bilinearly
-upsampled to the displayed image (a square resize of the input, which is exactly what the model saw), min-max
+Maps are shown as the reference shows them (docs/method.md#explanations): the raw adapter map on the patch grid,
+bilinearly upsampled to the displayed image (a square resize of the input, which is exactly what the model saw), min-max
 normalised, then overlaid with the jet colormap at an opacity proportional to the activation. Figures have a fixed
 size in pixels (`*_figure_px`), so callers and tests know what they get.
 """

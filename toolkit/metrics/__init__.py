@@ -1,4 +1,4 @@
-"""Interpretability metrics of DINO-QPM as pure functions over numpy arrays or torch tensors (dino_qpm.md §4).
+"""Interpretability metrics of DINO-QPM as pure functions over numpy arrays or torch tensors (docs/method.md#metrics).
 
 Modules: `accuracy` (top-1, per class), `diversity` (SID@k), `features` (Class-Independence, Correlation),
 `contrastiveness` (seeded 1-D GMM overlap), `plausibility` (mask overlap variants), `grounding` (Structural
@@ -21,9 +21,12 @@ from toolkit.metrics.plausibility import (
     plausibility,
     segmentation_overlaps,
 )
-from toolkit.metrics.report import compute_all
+from toolkit.metrics.report import MODELS, REPORTED, SID_K, compute_all
 
 __all__ = [
+    "MODELS",
+    "REPORTED",
+    "SID_K",
     "VARIANTS",
     "accuracy",
     "class_independence",

@@ -82,7 +82,7 @@ def predictions_from_logits(logits: Any) -> np.ndarray:
 def relevant_features(head_weight: Any) -> np.ndarray:
     """Boolean mask of the head's feature columns with at least one nonzero weight.
 
-    The reference evaluates train-set metrics only on these "rel_features" (dino_qpm.md §4): all F for a dense
+    The reference evaluates train-set metrics only on these "rel_features" (docs/method.md#metrics): all F for a dense
     head, the selected ones for a QPM head.
 
     Args:

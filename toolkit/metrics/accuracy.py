@@ -1,4 +1,4 @@
-"""Top-1 accuracy and per-class accuracy from logits (dino_qpm.md §4, "Accuracy")."""
+"""Top-1 accuracy and per-class accuracy from logits (docs/method.md#metrics, "Accuracy")."""
 
 from __future__ import annotations
 

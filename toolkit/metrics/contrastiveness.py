@@ -1,10 +1,11 @@
-"""Contrastiveness: how cleanly each feature splits into "off" and "on" (dino_qpm.md §4, qpm.md §6).
+"""Contrastiveness: how cleanly each feature splits into "off" and "on" (docs/method.md#metrics).
 
 Per feature a two-component 1-D Gaussian mixture is fitted to its pooled activations, and the overlap coefficient
 of the two fitted normals (mixture weights ignored) is taken; Contrastiveness = 1 − mean overlap.
 
 The reference fits sklearn's `GaussianMixture` without a random_state, so its numbers change between runs
-(dino_qpm.md §7). Here the EM is a small numpy implementation, vectorised over features, whose first start is
+(docs/method.md#differences).
+Here the EM is a small numpy implementation, vectorised over features, whose first start is
 deterministic: the exact (globally optimal) 1-D 2-means split of the sorted column. Further starts (`n_init > 1`)
 use responsibilities drawn from `np.random.default_rng(seed)`; the start with the highest log-likelihood wins per
 feature. Reruns with the same inputs and seed therefore agree bit for bit, and each column is fitted as if alone
@@ -145,13 +146,13 @@ def gaussian_overlap(means: np.ndarray, variances: np.ndarray) -> np.ndarray:
 def contrastiveness(features: Any, *, seed: int = 0, n_init: int = 1) -> float:
     """Contrastiveness = 1 − mean_j OVL_j, where OVL_j is the overlap of feature j's two fitted mixture normals.
 
-    Following the spec (dino_qpm.md §4), the mixture weights are ignored in the overlap, so a feature whose
-    values form two well separated modes scores near 1 and a unimodal feature, whose two fitted components sit on
-    top of each other, scores low. Unlike the reference, the fit is seeded and deterministic (see module doc), and
-    there is no cut-off above 1000 features (qpm.md §6).
+    Following the reference code (docs/method.md#metrics), the mixture weights are ignored in the overlap, so a
+    feature whose values form two well separated modes scores near 1 and a unimodal feature, whose two fitted
+    components sit on top of each other, scores low. Unlike the reference, the fit is seeded and deterministic (see
+    module doc), and there is no cut-off above 1000 features.
 
     Args:
-        features: pooled features, shape (N, F) (train set, used columns only, per the spec).
+        features: pooled features, shape (N, F) (train set, used columns only, as in the reference code).
         seed: seed of the EM's random restarts (only used when n_init > 1).
         n_init: EM starts per feature.
 

@@ -1,4 +1,4 @@
-"""SID@k, the spatial diversity of a prediction's top-k feature maps (dino_qpm.md §4, qpm.md §6, "SumNMax").
+"""SID@k, the spatial diversity of a prediction's top-k feature maps (docs/method.md#metrics, "SumNMax").
 
 For each image the k features with the largest weight in the predicted class's row are taken; each map is divided
 by its mean absolute value and turned into a spatial distribution by a softmax over positions; SID@k is the mass
@@ -39,8 +39,8 @@ def spatial_softmax(maps: np.ndarray) -> np.ndarray:
 def top_k_features(head_weight: Any, predictions: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the k largest weights of each prediction's class row, and which rows have ≥ k nonzero weights.
 
-    The ranking uses the raw (signed) weights, as the reference's `topk` does (dino_qpm.md §4). Ties are broken by
-    the lower feature index (stable sort); with a binary QPM row of exactly k ones the set is the k assigned
+    The ranking uses the raw (signed) weights, as the reference's `topk` does (docs/method.md#metrics). Ties are
+    broken by the lower feature index (stable sort); with a binary QPM row of exactly k ones the set is the k assigned
     features whatever the tie rule.
 
     Args:
@@ -93,8 +93,8 @@ def sid_per_image(maps: Any, head_weight: Any, predictions: Any, *, k: int = 5) 
 def sid_at_k(maps: Any, head_weight: Any, predictions: Any, *, k: int = 5) -> float:
     """SID@k: mean of `sid_per_image` over the images whose predicted class has at least k nonzero weights.
 
-    Only such images count, as in the reference (dino_qpm.md §4). The reference's quirk of bounding its test loop by
-    the train-set size (qpm.md §6) is not reproduced.
+    Only such images count, as in the reference (docs/method.md#metrics). The reference's quirk of bounding its
+    test loop by the train-set size is not reproduced.
 
     Args:
         maps: feature maps, shape (N, F, h, w).

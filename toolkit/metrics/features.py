@@ -1,4 +1,4 @@
-"""Metrics of the pooled feature vectors: Class-Independence and Correlation (dino_qpm.md §4, qpm.md §6).
+"""Metrics of the pooled feature vectors: Class-Independence and Correlation (docs/method.md#metrics).
 
 Both are computed, like in the reference, on the train set and only on the features the head uses
 (`relevant_features`); which split and which columns to pass is the caller's choice.
@@ -44,17 +44,17 @@ def class_shares(features: Any, labels: Any, *, n_classes: int | None = None) ->
 def class_independence(features: Any, labels: Any, *, n_classes: int | None = None) -> float:
     """Class-Independence: how little any single class owns a feature (higher is better).
 
-    CI = 1 − mean_j max_c share_cj, with share_cj from `class_shares` (dino_qpm.md §4). A feature active for one
+    CI = 1 − mean_j max_c share_cj, with share_cj from `class_shares` (docs/method.md#metrics). A feature active for one
     class only has max share 1; a feature spread evenly over C balanced classes has max share 1/C. The value lies
     in [0, 1 − 1/C].
 
-    Deviation from the reference (dino_qpm.md §4 leaves 0/0 undefined): a constant (dead) feature has no mass to
+    Deviation from the reference (docs/method.md#metrics leaves 0/0 undefined): a constant (dead) feature has no mass to
     share; the reference clamps its denominator and thereby counts it as perfectly independent (share 0), which
     would reward dead features. Here constant features are left out of the mean; if every feature is constant the
     result is NaN.
 
     Args:
-        features: pooled features, shape (N, F) (train set, used columns only, per the spec).
+        features: pooled features, shape (N, F) (train set, used columns only, as in the reference code).
         labels: true classes, shape (N,).
         n_classes: number of classes C; defaults to max(labels) + 1.
 
@@ -74,13 +74,13 @@ def correlation(features: Any) -> float:
 
     C_ij = Σ_n f_ni f_nj / (max(‖f_i‖, eps) · max(‖f_j‖, eps)),  C_jj := 0,  Corr = mean_j max_i C_ij
 
-    The cosine is uncentred and signed, and the zeroed diagonal takes part in the max, exactly as in the spec
-    (dino_qpm.md §4), so a feature anti-correlated with all others scores 0, not a negative value. For the QPM
-    head's standardised features this is close to the max Pearson correlation (qpm.md §6). Orthogonal columns give
-    0, duplicated columns give 1.
+    The cosine is uncentred and signed, and the zeroed diagonal takes part in the max, exactly as in the reference code
+    (docs/method.md#metrics), so a feature anti-correlated with all others scores 0, not a negative value. For the QPM
+    head's standardised features this is close to the max Pearson correlation (docs/method.md#metrics).
+    Orthogonal columns give 0, duplicated columns give 1.
 
     Args:
-        features: pooled features, shape (N, F) with F ≥ 2 (train set, used columns only, per the spec).
+        features: pooled features, shape (N, F) with F ≥ 2 (train set, used columns only, as in the reference code).
 
     Returns:
         The correlation, in [0, 1].

@@ -1,4 +1,4 @@
-"""Structural Grounding: does the head make classes similar that are similar in the world (dino_qpm.md §4)?
+"""Structural Grounding: does the head make classes similar that are similar in the world (docs/method.md#metrics)?
 
 The class similarity implied by the head (cosine between weight rows) is compared with a ground-truth class
 similarity (cosine between CUB's 312-d continuous class-attribute vectors) on the most similar ground-truth
@@ -37,7 +37,7 @@ def structural_grounding(head_weight: Any, *, class_attributes: Any = None, gt_s
     """Structural Grounding = Σ_{(c,c') ∈ T} S_w[c,c'] / Σ_{(c,c') ∈ T} S_gt[c,c'].
 
     S_w = cos(W_c, W_c'), S_gt = cos(a_c, a_c') (both with zero diagonal), and T holds the `top` largest entries
-    of the flattened S_gt; with the spec's 50 that is 25 symmetric pairs (dino_qpm.md §4, qpm.md §6). For binary
+    of the flattened S_gt; with the reference's 50 that is 25 symmetric pairs (docs/method.md#metrics). For binary
     rows with 5 ones, S_w is |shared features| / 5. Ties in S_gt are broken by the lower flat index.
 
     Args:

@@ -1,4 +1,4 @@
-"""Plausibility: how much of an explanation falls on the object, from object masks (dino_qpm.md §4).
+"""Plausibility: how much of an explanation falls on the object, from object masks (docs/method.md#metrics).
 
 Everything is computed on the maps' patch grid (16×16 for the default model): masks must already be resized to
 (h, w) and are binarised at > 0, as the reference does for CUB. G⁺ is G dilated once by a 3×3 square, which adds
@@ -9,13 +9,13 @@ its own function and key here:
 * `gradcam_peak_overlap` (`plausibility_gradcam_max[_dilated]`): max(g·G) / max g.
 * `feature_peak_overlap` (`plausibility_max[_dilated]`): mean over the class's features of max(M_j·G) / max M_j.
 
-GradCAM is g = Σ_j W_ĉj M_j over the raw maps of the predicted class ĉ, shifted so that min g = 0. The spec uses
-the head weight W and the raw maps (dino_qpm.md §4, and §6: "the μ/σ normalisation of the sparse head is not
+GradCAM is g = Σ_j W_ĉj M_j over the raw maps of the predicted class ĉ, shifted so that min g = 0. The reference uses
+the head weight W and the raw maps (docs/method.md#metrics, and §6: "the μ/σ normalisation of the sparse head is not
 applied"), so that is the default. A caller who wants the map that decomposes the QPM logit exactly passes the
 effective weight W / σ (columns divided by the frozen feature std): since f_j = mean_p M_j(p),
 ŷ_c = mean_p Σ_j (W_cj/σ_j) M_j(p) − const, and the min-shift removes the constant.
 
-The repo never says which variant is the paper's "Plausibility". Like the spec (dino_qpm.md §4, "likely
+The repo never says which variant is the paper's "Plausibility". Like our method page (docs/method.md#metrics, "likely
 candidate"), `plausibility` is the dilated GradCAM-mass variant; this is an unconfirmed choice. Images whose
 denominator is 0 (a flat GradCAM, or a map with max ≤ 0) add 0 but still count, as in the reference.
 """
@@ -43,7 +43,7 @@ def dilate_masks(masks: Any, *, iterations: int = 1) -> np.ndarray:
 
     Args:
         masks: shape (N, h, w), binarised at > 0.
-        iterations: number of dilations (1 in the spec).
+        iterations: number of dilations (1 in the reference code).
 
     Returns:
         bool array, shape (N, h, w).
@@ -188,7 +188,7 @@ def segmentation_overlaps(maps: Any, head_weight: Any, predictions: Any, masks: 
 
 
 def plausibility(maps: Any, head_weight: Any, predictions: Any, masks: Any) -> float:
-    """Primary Plausibility: the dilated GradCAM-mass overlap, mean_n Σ g_n·G⁺_n / Σ g_n (dino_qpm.md §4).
+    """Primary Plausibility: the dilated GradCAM-mass overlap, mean_n Σ g_n·G⁺_n / Σ g_n (docs/method.md#metrics).
 
     Args:
         maps: feature maps, shape (N, F, h, w).

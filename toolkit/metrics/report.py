@@ -15,6 +15,14 @@ from toolkit.metrics.features import class_independence, correlation
 from toolkit.metrics.grounding import structural_grounding
 from toolkit.metrics.plausibility import segmentation_overlaps
 
+# The models every run reports, and the metrics.json keys (with their report columns) written for each of them,
+# null when undefined.
+MODELS = ("linear_probe", "dense", "qpm")
+SID_K = 5
+REPORTED = (("accuracy", "accuracy"), (f"sid_at_{SID_K}", f"SID@{SID_K}"), ("class_independence", "class indep."),
+            ("contrastiveness", "contrastiveness"), ("correlation", "correlation (lower = better)"),
+            ("plausibility", "plausibility"))
+
 
 def _finite_or_none(x: float) -> float | None:
     """JSON has no NaN: undefined values become null."""
@@ -28,8 +36,8 @@ def compute_all(*, logits: Any, labels: Any, maps: Any, features: Any, head_weig
 
     Map metrics (SID@k, plausibility) use the evaluation images behind `logits`; feature metrics
     (class_independence, contrastiveness, correlation) use `features`, restricted to the head's used columns
-    (nonzero weight somewhere), as the reference does (dino_qpm.md §4). The spec computes feature metrics on the
-    train set: pass train features with their `feature_labels` for that; without `feature_labels` the features
+    (nonzero weight somewhere), as the reference does (docs/method.md#metrics). The paper computes feature metrics on
+    the train set: pass train features with their `feature_labels` for that; without `feature_labels` the features
     must belong to the same images as `logits` and `labels` are used.
 
     The three models of the paper's table map onto the inputs as follows:
@@ -37,7 +45,7 @@ def compute_all(*, logits: Any, labels: Any, maps: Any, features: Any, head_weig
     * linear probe: maps = raw patch tokens (N, D, h, w), features = CLS tokens (N', D), head_weight (C, D);
     * dense model: maps (N, F, h, w), pooled features (N', F), dense head weight (C, F);
     * QPM model: maps of the n_f selected features (N, n_f, h, w), features = the head's standardised inputs
-      (N', n_f), binary weight (C, n_f). The spec's GradCAM uses W itself; pass W / σ instead for a GradCAM that
+      (N', n_f), binary weight (C, n_f). The reference's GradCAM uses W itself; pass W / σ instead for a GradCAM that
       decomposes the logit exactly (SID@k is unaffected for rows with exactly k positive weights).
 
     Args:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from toolkit.config import ConfigError, QPConfig
 from toolkit.qp._checks import QPInputError, QPSolverError, QPVerificationError
+from toolkit.qp.inputs import load_inputs
 from toolkit.qp.solve import solve_qp
-from toolkit.qp_inputs import load_inputs
 
 _FLAGS = {"n_features": "--n-features", "n_per_class": "--n-per-class", "redundancy_weight": "--redundancy-weight",
           "redundancy_threshold": "--redundancy-threshold", "time_limit": "--time-limit", "mip_gap": "--mip-gap"}

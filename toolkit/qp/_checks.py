@@ -44,7 +44,7 @@ def _as_matrix(name: str, value: object) -> np.ndarray:
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise QPInputError(f"{name} has {int(bad.sum())} non-finite entries (first at {idx}); recompute it with "
-                           f"toolkit.qp_inputs (dead features give 0 rows there, not NaN)")
+                           f"toolkit.qp.inputs (dead features give 0 rows there, not NaN)")
     return arr
 
 
@@ -72,11 +72,11 @@ def check_inputs(A: object, R: object | None, cfg: QPConfig) -> tuple[np.ndarray
         r = _as_matrix("R", R)
         if r.shape != (n_feat, n_feat):
             raise QPInputError(f"R must be (F, F) = ({n_feat}, {n_feat}) to match A's {n_feat} feature rows, got "
-                               f"shape {r.shape}; compute it with toolkit.qp_inputs.similarity_R(A) or omit it")
+                               f"shape {r.shape}; compute it with toolkit.qp.inputs.similarity_R(A) or omit it")
         off = r[~np.eye(n_feat, dtype=bool)]
         if off.size and off.min() < 0:
             raise QPInputError(f"R has negative similarities (min {off.min():.4g}); QPM's R has negatives set to 0 "
-                               f"(toolkit.qp_inputs.similarity_R does this)")
+                               f"(toolkit.qp.inputs.similarity_R does this)")
     k, m = cfg.n_features, cfg.n_per_class
     if k > n_feat:
         raise QPInfeasibleError(f"n_features k={k} exceeds the F={n_feat} features (rows of A); choose "

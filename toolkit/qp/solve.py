@@ -20,10 +20,10 @@ from toolkit.qp.backends import Backend, resolve_backend
 from toolkit.qp.bound import dual_bound
 from toolkit.qp.certificate import Selection, verify, weight_matrix
 from toolkit.qp.heuristic import Candidate, finish, iterated_local_search, local_search, run_heuristic
+from toolkit.qp.inputs import similarity_R
 from toolkit.qp.milp import candidate_lists, solve_milp
 from toolkit.qp.problem import Problem, build_problem, input_sha256
 from toolkit.qp.threshold import choose_tau
-from toolkit.qp_inputs import similarity_R
 
 _ILS_SHARE = 0.05  # of the time budget: iterated local search (rarely gains on these instances, see the results)
 _BOUND_SHARE = 0.25  # the Lagrangian bound before a MILP (its prices prune the MILP, whose root LP is as tight)
@@ -46,7 +46,7 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     """Select k features and assign m to each class with pairwise different sets, with a certificate.
 
     Args:
-        A: (F, C) feature-class correlation (max|A| = 1; see toolkit.qp_inputs.correlation_A).
+        A: (F, C) feature-class correlation (max|A| = 1; see toolkit.qp.inputs.correlation_A).
         R: (F, F) feature similarity, read on its upper triangle; None = cosine of A's rows (similarity_R).
         cfg: k, m, tau (None = clique rule), redundancy weight, solver, time limit and gap.
         log: progress lines (e.g. a console's log); silent if None.

@@ -92,7 +92,8 @@ class ArrayDataset:
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int, np.ndarray]:
         x = self.images[i]
-        # The background is exactly 0, so the filled support of the non-zero pixels is the true object (realdata.md).
+        # The background is exactly 0, so the filled support of the non-zero pixels is the true object
+        # (docs/method.md#data).
         mask = ndimage.binary_fill_holes(x > 0)
         return Image.fromarray(x).convert("RGB"), int(self.labels[i]), mask
 

