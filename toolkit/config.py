@@ -527,7 +527,7 @@ def _apply(values: dict[str, Any], origins: dict[str, str], overrides: Overrides
             _set(values, key, value)
         except ConfigError as e:
             raise ConfigError(f"{label}: {e}", key=e.key) from None
-        origins[key] = label
+        origins[key] = ""  # an override's key is the one the user typed: no "where" prefix, and not the file's
 
 
 def _validate(cls: type[BaseModel], values: Any, origins: dict[str, str]) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from toolkit.artifacts import content_key, get_or_run, write_json
 from toolkit.cache import LiveSplit, TokenStore
 from toolkit.checkpoint import load_checkpoint, save_checkpoint
-from toolkit.config import AdapterConfig, DenseConfig, ProbeConfig, TrainConfig
+from toolkit.config import AdapterConfig, DenseConfig, ProbeConfig, TrainConfig, to_dict
 from toolkit.loop import Outputs, evaluate, fit, micro_batch_size
 from toolkit.model import DinoQPM, LinearProbe, build_dense_model
 from toolkit.runtime import Console, Engine, dist_info, seed_everything
@@ -112,7 +112,7 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
 def run_dense(*, train: Split, test: Split, adapter: AdapterConfig, cfg: DenseConfig, ctx: TrainContext,
               root: Path, meta: dict[str, Any]) -> DenseResult:
     """Train the dense model (adapter + dense head, CE + feature-diversity loss) and pool its train features."""
-    key = content_key("dense", {"adapter": asdict(adapter), "dense": asdict(cfg), "seed": ctx.seed},
+    key = content_key("dense", {"adapter": to_dict(adapter), "dense": to_dict(cfg), "seed": ctx.seed},
                       {"train": train.key, "test": test.key})
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -138,8 +138,8 @@ def run_dense(*, train: Split, test: Split, adapter: AdapterConfig, cfg: DenseCo
         write_json(tmp / "history.json", history)
         return {"train_accuracy": tr.accuracy, "accuracy": te.accuracy}
 
-    directory, manifest, _ = get_or_run(root, "dense", key, build, config={"adapter": asdict(adapter),
-                                        "dense": asdict(cfg)}, upstream={"train": train.key, "test": test.key},
+    directory, manifest, _ = get_or_run(root, "dense", key, build, config={"adapter": to_dict(adapter),
+                                        "dense": to_dict(cfg)}, upstream={"train": train.key, "test": test.key},
                                         log=ctx.console.log)
     drop_work_dir(root, "dense", key)
     return DenseResult(directory, key, manifest.metrics)
@@ -148,7 +148,7 @@ def run_dense(*, train: Split, test: Split, adapter: AdapterConfig, cfg: DenseCo
 def run_probe(*, train: Split, test: Split, cfg: ProbeConfig, ctx: TrainContext, root: Path,
               meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Train the linear probe on the frozen CLS token of the same cache; returns (directory, metrics)."""
-    key = content_key("probe", {"probe": asdict(cfg), "seed": ctx.seed}, {"train": train.key, "test": test.key})
+    key = content_key("probe", {"probe": to_dict(cfg), "seed": ctx.seed}, {"train": train.key, "test": test.key})
 
     def build(tmp: Path) -> dict[str, Any]:
         seed_everything(ctx.seed)
@@ -164,7 +164,7 @@ def run_probe(*, train: Split, test: Split, cfg: ProbeConfig, ctx: TrainContext,
         write_json(tmp / "history.json", history)
         return {"accuracy": te.accuracy, "train_accuracy": history[-1]["train_accuracy"] if history else 0.0}
 
-    directory, manifest, _ = get_or_run(root, "probe", key, build, config={"probe": asdict(cfg)},
+    directory, manifest, _ = get_or_run(root, "probe", key, build, config={"probe": to_dict(cfg)},
                                         upstream={"train": train.key, "test": test.key}, log=ctx.console.log)
     drop_work_dir(root, "probe", key)
     return directory, manifest.metrics

@@ -6,7 +6,7 @@ finetune: DenseResult + Selection -> the DINO-QPM model (adapter fine-tuned unde
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 
 from toolkit.artifacts import content_key, get_or_run, write_json
 from toolkit.checkpoint import load_checkpoint, save_checkpoint
-from toolkit.config import AdapterConfig, FinetuneConfig, QPConfig
+from toolkit.config import AdapterConfig, FinetuneConfig, QPConfig, to_dict
 from toolkit.dense import DenseResult, Split, TrainContext, drop_work_dir, test_outputs, train_model, work_dir
 from toolkit.model import DinoQPM, SparseHead
 from toolkit.qp import Selection, solve_qp
@@ -33,7 +33,7 @@ class SelectionResult:
 def run_selection(*, dense: DenseResult, n_classes: int, cfg: QPConfig, root: Path,
                   ctx: TrainContext) -> SelectionResult:
     """Compute A and R from the dense model's pooled train features and solve the QPM problem."""
-    key = content_key("qp", asdict(cfg), {"dense": dense.key})
+    key = content_key("qp", to_dict(cfg), {"dense": dense.key})
 
     def build(tmp: Path) -> dict[str, Any]:
         # Solved once, on rank 0; the other ranks receive the same selection (one model on every rank).
@@ -49,7 +49,7 @@ def run_selection(*, dense: DenseResult, n_classes: int, cfg: QPConfig, root: Pa
         return {k: getattr(sel, k) for k in ("objective", "bound", "gap", "status", "seconds", "solver", "tau",
                                                "lazy_rounds")}
 
-    directory, manifest, _ = get_or_run(root, "qp", key, build, config=asdict(cfg), upstream={"dense": dense.key},
+    directory, manifest, _ = get_or_run(root, "qp", key, build, config=to_dict(cfg), upstream={"dense": dense.key},
                                         log=ctx.console.log)
     selection = Selection.from_json((directory / "selection.json").read_text())
     return SelectionResult(directory, key, selection)
@@ -67,7 +67,7 @@ def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: Split
                  adapter: AdapterConfig, cfg: FinetuneConfig, ctx: TrainContext, root: Path,
                  meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Fine-tune the whole adapter under the sparse head (CE + diversity + sparsity); returns (dir, metrics)."""
-    key = content_key("finetune", {"finetune": asdict(cfg), "seed": ctx.seed},
+    key = content_key("finetune", {"finetune": to_dict(cfg), "seed": ctx.seed},
                       {"dense": dense.key, "qp": selection.key})
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: Split
         return {"accuracy": after, "accuracy_before_finetune": before,
                 "train_accuracy": history[-1]["train_accuracy"] if history else 0.0}
 
-    directory, manifest, _ = get_or_run(root, "finetune", key, build, config={"finetune": asdict(cfg)},
+    directory, manifest, _ = get_or_run(root, "finetune", key, build, config={"finetune": to_dict(cfg)},
                                         upstream={"dense": dense.key, "qp": selection.key}, log=ctx.console.log)
     drop_work_dir(root, "finetune", key)
     return directory, manifest.metrics
