@@ -2,7 +2,8 @@
 
 Loading goes defaults (the field defaults below) -> YAML preset (only what differs) -> dotted CLI overrides
 (`qp.n_features=50 dense.lr=1e-3`). Unknown keys, wrong types and impossible values raise `ConfigError` naming the
-dotted key, where it came from (the YAML file or the override) and what is allowed, before any work starts.
+dotted key, the YAML file that set it (if a file did) and what is allowed, before any work starts; every problem
+is listed, one per line.
 
 Types are strict: `"10"` is not an integer and `"yes please"` is not a boolean; an integer is accepted where a float
 is expected. YAML files and override values are read with YAML 1.2 numbers, so `1e-3`, `5e-4`, `.5` and `1E3` are
@@ -107,7 +108,7 @@ _NESTED: ContextVar[bool] = ContextVar("_NESTED", default=False)  # inside a val
 class _Section(BaseModel):
     """Base of every config model: frozen, strict types, unknown keys refused; errors become `ConfigError`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, validate_default=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
     section: ClassVar[str] = ""  # dotted name under RunConfig, used to name keys when a section is built on its own
 
     def __init__(self, /, **data: Any) -> None:
@@ -139,9 +140,11 @@ _DATASET_ONLY: dict[str, tuple[tuple[str, ...], Any]] = {
 
 
 class DataConfig(_Section):
+    """Which images, at what size, and which seeded subset of them."""
+
     section: ClassVar[str] = "data"
 
-    dataset: DatasetName = "fashion_mnist"
+    dataset: DatasetName = "fashion_mnist"  # which reader (synthetic: generated shapes, for tests)
     root: str | None = None  # dataset folder (real datasets); None = the default location (Fashion-MNIST only)
     mask_root: str | None = None  # imagefolder only: a parallel tree of masks (same relative paths, .png)
     image_size: ImageSize = 224  # pixels of the square resize; a multiple of the DINOv2 patch size 14
@@ -184,6 +187,8 @@ class DataConfig(_Section):
 
 
 class BackboneConfig(_Section):
+    """The frozen DINOv2 ViT whose last-layer tokens every later stage reads."""
+
     section: ClassVar[str] = "backbone"
 
     name: DinoV2Name = "vit_base_patch14_reg4_dinov2.lvd142m"  # a timm DINOv2 name (with or without a .tag)
@@ -211,6 +216,8 @@ class BackboneConfig(_Section):
 
 
 class CacheConfig(_Section):
+    """Where stage artefacts are stored and whether tokens are cached or recomputed."""
+
     section: ClassVar[str] = "cache"
 
     mode: Literal["cached", "live"] = "cached"  # cached: fp16 memory-mapped tokens; live: backbone in the loop
@@ -218,6 +225,8 @@ class CacheConfig(_Section):
 
 
 class AdapterConfig(_Section):
+    """The token-wise MLP adapter that turns backbone tokens into F feature maps."""
+
     section: ClassVar[str] = "adapter"
 
     n_layers: PosInt = 4  # Linear-BN-activation blocks applied to every patch token
@@ -241,12 +250,16 @@ class TrainConfig(_Section):
 
 
 class DenseConfig(TrainConfig):
+    """Dense phase: adapter and a dense linear head trained on all F features."""
+
     section: ClassVar[str] = "dense"
 
     dropout: Fraction = 0.2  # drop probability on the pooled feature vector before the dense head
 
 
 class FinetuneConfig(TrainConfig):
+    """Fine-tune phase: the adapter under the frozen binary QPM head (sparsity losses on)."""
+
     section: ClassVar[str] = "finetune"
 
     batch_size: PosInt = 16  # global batch (all ranks, after gradient accumulation)
@@ -263,17 +276,18 @@ class ProbeConfig(TrainConfig):
     section: ClassVar[str] = "probe"
 
     epochs: NonNegInt = 40  # passes over the train split
-    diversity_weight: NonNegFloat = 0.0  # unused by the probe (no feature maps); kept 0
+    diversity_weight: NonNegFloat = 0.0  # 0: the CLS probe has no feature maps to diversify
     dropout: Fraction = 0.2  # drop probability on the CLS vector before the linear head
 
 
 class QPConfig(_Section):
+    """QPM feature selection: k features globally, m per class, as a quadratic (MILP) problem."""
+
     section: ClassVar[str] = "qp"
 
     n_features: Annotated[int, Field(ge=1)] = 50  # k: features kept globally
     n_per_class: Annotated[int, Field(ge=1)] = 5  # m: features per class, <= k
-    # tau in [-1, 1]; None = the lowest tau for which k pairwise-compatible features exist
-    redundancy_threshold: Annotated[float, Field(ge=-1, le=1)] | None = None
+    redundancy_threshold: float | None = None  # tau on the scale of R; None = lowest tau with k compatible features
     redundancy_weight: NonNegFloat = 1.0  # w: weight of the R penalty on selected pairs above tau
     solver: Literal["auto", "highs", "scip", "gurobi", "heuristic"] = "auto"  # MILP backend (auto: best installed)
     time_limit: PosFloat = 60.0  # seconds for the whole solve: heuristic search, bound and MILP
@@ -287,6 +301,8 @@ class QPConfig(_Section):
 
 
 class ExportConfig(_Section):
+    """ONNX export of the fine-tuned model and its ONNX Runtime parity gate."""
+
     section: ClassVar[str] = "export"
 
     opset: Annotated[int, Field(ge=17)] = 18  # ONNX opset
@@ -297,6 +313,8 @@ class ExportConfig(_Section):
 
 
 class RuntimeConfig(_Section):
+    """How the run executes: seed, device, precision, distribution, checkpoints, output folder."""
+
     section: ClassVar[str] = "runtime"
 
     seed: NonNegInt = 383534468  # training seed (the reference's default)
@@ -357,7 +375,8 @@ def _section_class(cls: type[BaseModel], path: Iterable[str]) -> type[BaseModel]
 
 def _type_words(err: ErrorDetails) -> str | None:
     return {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
-            "bool_type": "true or false", "string_type": "a string", "none_required": "null"}.get(err["type"])
+            "bool_type": "true or false", "string_type": "a string", "none_required": "null",
+            "finite_number": "a finite number"}.get(err["type"])
 
 
 def _describe(err: ErrorDetails, root: type[BaseModel], prefix: tuple[str, ...]) -> tuple[str, str]:
@@ -438,7 +457,7 @@ def load_yaml(path: str | Path) -> Any:
     """
     p = Path(path)
     try:
-        return yaml.load(p.read_text(), Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(p.read_text(), Loader=_Yaml12Loader)  # a SafeLoader subclass: plain data only
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
@@ -455,7 +474,7 @@ def parse_value(text: str) -> Any:
     if text == "":
         return ""
     try:
-        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: plain data only
     except yaml.YAMLError:
         return text
 
@@ -646,7 +665,7 @@ def _adapter(key: str, constraints: bool) -> TypeAdapter[Any]:
         tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
     else:
         tp = _bare(info.annotation)
-    return TypeAdapter(tp, config=ConfigDict(strict=True))
+    return TypeAdapter(tp, config=ConfigDict(strict=True, allow_inf_nan=False))  # as the sections
 
 
 def check_value(key: str, value: Any, *, constraints: bool = True) -> Any:
