@@ -15,9 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from toolkit.config import ConfigError, load_config, to_dict
+from toolkit.config import ConfigError, dump_config, load_config
 from toolkit.pipeline import run_dir_for, run_pipeline
 
 
@@ -41,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(dump_config(cfg), end="")
         print(f"# run directory: {run_dir}")
         return 0
     try:

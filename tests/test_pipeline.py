@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from toolkit.config import load_config
+from toolkit.config import load_config, replace
 from toolkit.model import DinoQPM, SparseHead, load_checkpoint
-from toolkit.pipeline import run_pipeline
+from toolkit.pipeline import config_hash, run_dir_for, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,13 @@ def test_pipeline_end_to_end_then_fully_cached(tiny_overrides: list[str], tmp_pa
     first = run_pipeline(cfg)
     assert first.backbone_builds == 1
     metrics = json.loads((first.run_dir / "metrics.json").read_text())
-    for model in ("linear_probe", "dense", "qpm"):
-        assert 0.0 <= metrics[model]["accuracy"] <= 1.0
-    assert metrics["qp"]["status"] in ("optimal", "time_limit", "heuristic")
+    # The shapes are separable: dense and DINO-QPM are far above chance (1/4); the probe reads the CLS token of a
+    # random-init ViT, which barely depends on the image, so it is only checked to be a probability.
+    assert metrics["dense"]["accuracy"] >= 0.75 and metrics["qpm"]["accuracy"] >= 0.75
+    assert 0.0 <= metrics["linear_probe"]["accuracy"] <= 1.0
+    # SID@5 needs 5 features per class; with m = 2 it is undefined (null), never a made-up number.
+    assert metrics["qpm"]["sid_at_5"] is None
+    assert metrics["qp"]["gap"] >= 0 and metrics["qp"]["objective"] <= metrics["qp"]["bound"] + 1e-9
     # The run directory explains itself.
     assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["qp"]["n_features"] == cfg.qp.n_features
     manifest = json.loads((first.run_dir / "manifest.json").read_text())
@@ -60,3 +64,53 @@ def test_run_dir_with_other_config_is_not_overwritten(tiny_overrides: list[str])
     with pytest.raises(FileExistsError, match="run_name"):
         run_pipeline(other, until="tokens")
     assert (run.run_dir / "config.yaml").read_text() == before
+
+
+def test_sid_at_5_is_measured_when_each_class_has_5_features(tiny_overrides: list[str]) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*tiny_overrides, "qp.n_features=6", "qp.n_per_class=5"])
+    metrics = run_pipeline(cfg).metrics
+    for model in ("dense", "qpm"):
+        assert 0.0 < metrics[model]["sid_at_5"] <= 1.0
+    assert metrics["qpm"]["accuracy"] >= 0.75
+
+
+def test_same_config_same_directory_other_config_its_own(tiny_overrides: list[str], tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides)
+    a = run_pipeline(cfg, until="tokens", preset="tiny").run_dir
+    assert a.name.startswith("tiny-") and a == run_dir_for(cfg, "tiny")
+    assert run_pipeline(cfg, until="tokens", preset="tiny").run_dir == a
+    other = load_config(ROOT / "configs" / "tiny.yaml", [*tiny_overrides, "dense.lr=1e-3"])
+    assert run_dir_for(other, "tiny") != a
+    # Where the run writes and caches is not part of what it computes.
+    moved = load_config(ROOT / "configs" / "tiny.yaml", [f"cache.root={tmp_path / 'x'}",
+                                                          f"runtime.output_dir={tmp_path / 'y'}"])
+    assert config_hash(moved) == config_hash(cfg)
+
+
+def test_deepspeed_json_is_hashed_by_content_not_path(tiny_overrides: list[str], tmp_path: Path) -> None:
+    template = ROOT / "launch" / "ds_config.json"
+    copy = tmp_path / "elsewhere" / "ds.json"
+    copy.parent.mkdir()
+    copy.write_text(template.read_text())
+    base = load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides)
+    here, there = (replace(base, [f"runtime.deepspeed_config={p}"]) for p in (template, copy))
+    assert config_hash(here) == config_hash(there)
+    copy.write_text(template.read_text().replace('"gradient_clipping": 0.0', '"gradient_clipping": 1.0'))
+    assert config_hash(here) != config_hash(there)
+
+
+def test_missing_data_fails_before_writing_anything(tiny_overrides: list[str], tmp_path: Path) -> None:
+    cfg = load_config(None, [*tiny_overrides, "data.dataset=fashion_mnist", f"data.root={tmp_path / 'nowhere'}"])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_run_whose_first_stage_fails_leaves_no_directory(tiny_overrides: list[str], tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-weights.safetensors"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      [*tiny_overrides, f"backbone.weights={missing}", "backbone.depth=null", "backbone.embed_dim=null",
+                       "backbone.num_heads=null"])
+    with pytest.raises(FileNotFoundError, match="no-such-weights"):
+        run_pipeline(cfg)
+    assert not run_dir_for(cfg).exists()

@@ -12,23 +12,21 @@ A space file maps dotted keys (or nested sections) to a distribution or a fixed 
 
 Distributions are Ray Tune's, with its names and arguments: uniform [a, b], quniform [a, b, q], loguniform [a, b],
 randint [a, b), lograndint [a, b), choice [values], grid [values] (every value once per sample; random search only).
-Unknown keys and values of the wrong type raise `ConfigError` here, before any trial starts; values that are
+Keys and value types are checked by `toolkit.config` (`check_key`, `check_value`, the validator the config itself
+uses): unknown keys and values of the wrong type raise `ConfigError` here, before any trial starts; values that are
 impossible only against other settings (n_per_class > n_features) are allowed, because the sampled combination
 may be fine: such trials fail with the reason and the sweep goes on.
 """
 
 from __future__ import annotations
 
-import difflib
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
 import yaml
 
-from toolkit.config import ConfigError, RunConfig, replace
+from toolkit.config import ConfigError, RunConfig, check_key, check_value, load_yaml, replace
 
 # Distribution name -> number of arguments (None: a non-empty list of values).
 DISTRIBUTIONS: dict[str, int | None] = {"uniform": 2, "quniform": 3, "loguniform": 2, "randint": 2,
@@ -157,54 +155,19 @@ def load_space(path: str | Path) -> SearchSpace:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"search space {p} not found; spaces live in tune/spaces/ (e.g. default.yaml)")
-    return parse_space(yaml.safe_load(p.read_text()))
+    return parse_space(load_yaml(p))  # the config's YAML reading: 1e-3 is a float, syntax errors name the line
 
 
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def field_type(key: str) -> Any:
-    """The annotation of a dotted `RunConfig` key; `ConfigError` (with a suggestion) when there is no such key."""
-    cls: Any = RunConfig
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(cls)
-        names = sorted(f.name for f in fields(cls))
-        if part not in names:
-            prefix = ".".join(parts[:i])
-            close = difflib.get_close_matches(part, names, n=1)
-            hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}' in the search space.{hint} "
-                              f"Allowed here: {', '.join(names)}")
-        tp = hints[part]
-        if i < len(parts) - 1:
-            if not is_dataclass(tp):
-                raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is a value, not a section; "
-                                  f"'{key}' does not exist")
-            cls = tp
-        elif is_dataclass(tp):
-            raise ConfigError(f"config key '{key}' is a section; sweep one of its keys (e.g. '{key}.<name>')")
-    return tp
-
-
-def accepts(tp: Any, value: Any) -> bool:
-    """Whether `value` is valid for the annotation `tp` (ints count as floats, as in `toolkit.config`)."""
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(accepts(a, value) for a in get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is Literal:
-        return value in get_args(tp)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    return False
+def _fits(key: str, value: Any) -> bool:
+    """Whether `key` can hold `value` by type (its bounds are checked later, against the base config)."""
+    try:
+        check_value(key, value, constraints=False)
+    except ConfigError:
+        return False
+    return True
 
 
 def validate_space(space: SearchSpace, base: RunConfig) -> list[str]:
@@ -217,18 +180,20 @@ def validate_space(space: SearchSpace, base: RunConfig) -> list[str]:
         if key in RESERVED:
             raise ConfigError(f"search space key '{key}' is set by the sweep itself (one run directory per trial); "
                               "set the sweep's --output instead")
-        field_type(key)
+        try:
+            check_key(key)
+        except ConfigError as e:
+            raise ConfigError(f"search space: {e}", key=key) from None
     for key, value in space.fixed.items():
-        if not accepts(field_type(key), value):
+        if not _fits(key, value):
             raise ConfigError(f"search space key '{key}': fixed value {value!r} does not fit the config type")
     for key, p in space.params.items():
-        tp = field_type(key)
-        if p.kind in _FLOAT_KINDS and not accepts(tp, 0.5):
+        if p.kind in _FLOAT_KINDS and not _fits(key, 0.5):
             raise ConfigError(f"search space key '{key}': {p.kind} draws real numbers but the key takes "
-                              f"{'integers (use randint or lograndint)' if accepts(tp, 1) else 'no numbers'}")
-        if p.kind in _INT_KINDS and not accepts(tp, 1):
+                              f"{'integers (use randint or lograndint)' if _fits(key, 1) else 'no numbers'}")
+        if p.kind in _INT_KINDS and not _fits(key, 1):
             raise ConfigError(f"search space key '{key}': {p.kind} draws integers but the key takes no numbers")
-        bad = [v for v in p.args if p.kind in ("choice", "grid") and not accepts(tp, v)]
+        bad = [v for v in p.args if p.kind in ("choice", "grid") and not _fits(key, v)]
         if bad:
             raise ConfigError(f"search space key '{key}': value(s) {bad!r} do not fit the config type")
     fixed_base = replace(base, space.fixed_overrides()) if space.fixed else base

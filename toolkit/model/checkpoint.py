@@ -7,14 +7,13 @@ fine-tuned checkpoint needs `sel.pt` on the side, docs/method.md#training).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from toolkit.config import AdapterConfig
+from toolkit.config import AdapterConfig, to_dict
 from toolkit.model.dinoqpm import DinoQPM, build_dense_model
 from toolkit.model.heads import LinearProbe, SparseHead
 
@@ -28,7 +27,7 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, *, kind: str, adapt
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"))
     info: dict[str, Any] = {"format": FORMAT, "kind": kind, "embed_dim": embed_dim, "n_classes": n_classes,
-                            "grid": list(grid), "adapter": asdict(adapter) if adapter else None, **meta}
+                            "grid": list(grid), "adapter": to_dict(adapter) if adapter else None, **meta}
     if isinstance(model, DinoQPM) and isinstance(model.head, SparseHead):
         info["selection"] = model.head.selection.tolist()
         info["n_per_class"] = int(model.head.n_per_class)

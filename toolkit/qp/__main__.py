@@ -30,6 +30,7 @@ _FLAGS = {"n_features": "--n-features", "n_per_class": "--n-per-class", "redunda
 
 
 def _parser() -> argparse.ArgumentParser:
+    defaults = QPConfig()  # pydantic fields are not class attributes: read the defaults from an instance
     ap = argparse.ArgumentParser(prog="python -m toolkit.qp", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", required=True, type=Path, help=".npz with A (F, C) and optionally R (F, F)")
@@ -37,12 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-per-class", required=True, type=int, metavar="M", help="m: features per class")
     ap.add_argument("--redundancy-threshold", type=float, default=None, metavar="T",
                     help="tau; default: lowest threshold with K pairwise-compatible features")
-    ap.add_argument("--redundancy-weight", type=float, default=QPConfig.redundancy_weight, metavar="W",
-                    help=f"w, weight of the R penalty (default {QPConfig.redundancy_weight})")
-    ap.add_argument("--time-limit", type=float, default=QPConfig.time_limit, metavar="S",
-                    help=f"seconds for bound and MILP (default {QPConfig.time_limit:g})")
-    ap.add_argument("--mip-gap", type=float, default=QPConfig.mip_gap, metavar="G",
-                    help=f"relative gap at which solving stops (default {QPConfig.mip_gap:g})")
+    ap.add_argument("--redundancy-weight", type=float, default=defaults.redundancy_weight, metavar="W",
+                    help=f"w, weight of the R penalty (default {defaults.redundancy_weight})")
+    ap.add_argument("--time-limit", type=float, default=defaults.time_limit, metavar="S",
+                    help=f"seconds for bound and MILP (default {defaults.time_limit:g})")
+    ap.add_argument("--mip-gap", type=float, default=defaults.mip_gap, metavar="G",
+                    help=f"relative gap at which solving stops (default {defaults.mip_gap:g})")
     ap.add_argument("--solver", default="auto", choices=("auto", "highs", "scip", "gurobi", "heuristic"),
                     help="auto = Gurobi if installed and licensed, else HiGHS (default auto)")
     ap.add_argument("--out", required=True, type=Path, help="answer JSON to write")

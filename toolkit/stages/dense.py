@@ -6,14 +6,14 @@ A and R) and the per-feature mean/std that the sparse head freezes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from toolkit.artifacts import content_key, get_or_run
-from toolkit.config import AdapterConfig, DenseConfig
+from toolkit.config import AdapterConfig, DenseConfig, to_dict
 from toolkit.distributed import dist_info, seed_everything
 from toolkit.files import write_json
 from toolkit.model import DinoQPM, build_dense_model, load_checkpoint, save_checkpoint
@@ -52,7 +52,7 @@ class DenseResult:
 def run_dense(*, train: Split, test: Split, adapter: AdapterConfig, cfg: DenseConfig, ctx: TrainContext,
               root: Path, meta: dict[str, Any]) -> DenseResult:
     """Train the dense model (adapter + dense head, CE + feature-diversity loss) and pool its train features."""
-    key = content_key("dense", {"adapter": asdict(adapter), "dense": asdict(cfg), "seed": ctx.seed},
+    key = content_key("dense", {"adapter": to_dict(adapter), "dense": to_dict(cfg), "seed": ctx.seed},
                       {"train": train.key, "test": test.key})
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -78,8 +78,8 @@ def run_dense(*, train: Split, test: Split, adapter: AdapterConfig, cfg: DenseCo
         write_json(tmp / "history.json", history)
         return {"train_accuracy": tr.accuracy, "accuracy": te.accuracy}
 
-    directory, manifest, _ = get_or_run(root, "dense", key, build, config={"adapter": asdict(adapter),
-                                        "dense": asdict(cfg)}, upstream={"train": train.key, "test": test.key},
+    directory, manifest, _ = get_or_run(root, "dense", key, build, config={"adapter": to_dict(adapter),
+                                        "dense": to_dict(cfg)}, upstream={"train": train.key, "test": test.key},
                                         log=ctx.console.log)
     drop_work_dir(root, "dense", key)
     return DenseResult(directory, key, manifest.metrics)

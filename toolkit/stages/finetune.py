@@ -6,7 +6,6 @@ DenseResult + SelectionResult -> the DINO-QPM model: the dense model with its he
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from toolkit.artifacts import content_key, get_or_run
-from toolkit.config import AdapterConfig, FinetuneConfig
+from toolkit.config import AdapterConfig, FinetuneConfig, to_dict
 from toolkit.distributed import dist_info, seed_everything
 from toolkit.files import write_json
 from toolkit.model import DinoQPM, SparseHead, save_checkpoint
@@ -36,7 +35,7 @@ def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: Split
                  adapter: AdapterConfig, cfg: FinetuneConfig, ctx: TrainContext, root: Path,
                  meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Fine-tune the whole adapter under the sparse head (CE + diversity + sparsity); returns (dir, metrics)."""
-    key = content_key("finetune", {"finetune": asdict(cfg), "seed": ctx.seed},
+    key = content_key("finetune", {"finetune": to_dict(cfg), "seed": ctx.seed},
                       {"dense": dense.key, "qp": selection.key})
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -53,7 +52,7 @@ def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: Split
         return {"accuracy": after, "accuracy_before_finetune": before,
                 "train_accuracy": history[-1]["train_accuracy"] if history else 0.0}
 
-    directory, manifest, _ = get_or_run(root, "finetune", key, build, config={"finetune": asdict(cfg)},
+    directory, manifest, _ = get_or_run(root, "finetune", key, build, config={"finetune": to_dict(cfg)},
                                         upstream={"dense": dense.key, "qp": selection.key}, log=ctx.console.log)
     drop_work_dir(root, "finetune", key)
     return directory, manifest.metrics

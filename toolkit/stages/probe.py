@@ -3,12 +3,11 @@ reports (the paper compares DINO-QPM against a linear probe; docs/method.md#base
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from toolkit.artifacts import content_key, get_or_run
-from toolkit.config import ProbeConfig
+from toolkit.config import ProbeConfig, to_dict
 from toolkit.distributed import dist_info, seed_everything
 from toolkit.files import write_json
 from toolkit.model import LinearProbe, save_checkpoint
@@ -18,7 +17,7 @@ from toolkit.train import Split, TrainContext, drop_work_dir, evaluate, train_mo
 def run_probe(*, train: Split, test: Split, cfg: ProbeConfig, ctx: TrainContext, root: Path,
               meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Train the linear probe on the frozen CLS token of the same cache; returns (directory, metrics)."""
-    key = content_key("probe", {"probe": asdict(cfg), "seed": ctx.seed}, {"train": train.key, "test": test.key})
+    key = content_key("probe", {"probe": to_dict(cfg), "seed": ctx.seed}, {"train": train.key, "test": test.key})
 
     def build(tmp: Path) -> dict[str, Any]:
         seed_everything(ctx.seed)
@@ -34,7 +33,7 @@ def run_probe(*, train: Split, test: Split, cfg: ProbeConfig, ctx: TrainContext,
         write_json(tmp / "history.json", history)
         return {"accuracy": te.accuracy, "train_accuracy": history[-1]["train_accuracy"] if history else 0.0}
 
-    directory, manifest, _ = get_or_run(root, "probe", key, build, config={"probe": asdict(cfg)},
+    directory, manifest, _ = get_or_run(root, "probe", key, build, config={"probe": to_dict(cfg)},
                                         upstream={"train": train.key, "test": test.key}, log=ctx.console.log)
     drop_work_dir(root, "probe", key)
     return directory, manifest.metrics

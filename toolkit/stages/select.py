@@ -6,12 +6,12 @@ certificate). Solved once, on rank 0, and broadcast, so every rank fine-tunes th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from toolkit.artifacts import content_key, get_or_run
-from toolkit.config import QPConfig
+from toolkit.config import QPConfig, to_dict
 from toolkit.distributed import broadcast_object, dist_info
 from toolkit.qp import Selection, solve_qp
 from toolkit.qp.inputs import correlation_A, save_inputs, similarity_R
@@ -29,7 +29,7 @@ class SelectionResult:
 def run_selection(*, dense: DenseResult, n_classes: int, cfg: QPConfig, root: Path,
                   ctx: TrainContext) -> SelectionResult:
     """Compute A and R from the dense model's pooled train features and solve the QPM problem."""
-    key = content_key("qp", asdict(cfg), {"dense": dense.key})
+    key = content_key("qp", to_dict(cfg), {"dense": dense.key})
 
     def build(tmp: Path) -> dict[str, Any]:
         # Solved once, on rank 0; the other ranks receive the same selection (one model on every rank).
@@ -45,7 +45,7 @@ def run_selection(*, dense: DenseResult, n_classes: int, cfg: QPConfig, root: Pa
         return {k: getattr(sel, k) for k in ("objective", "bound", "gap", "status", "seconds", "solver", "tau",
                                                "lazy_rounds")}
 
-    directory, manifest, _ = get_or_run(root, "qp", key, build, config=asdict(cfg), upstream={"dense": dense.key},
+    directory, manifest, _ = get_or_run(root, "qp", key, build, config=to_dict(cfg), upstream={"dense": dense.key},
                                         log=ctx.console.log)
     selection = Selection.from_json((directory / "selection.json").read_text())
     return SelectionResult(directory, key, selection)
