@@ -1,0 +1,67 @@
+"""Export a trained DINO-QPM run as one ONNX graph: image in [0, 1] -> logits, feature maps, features.
+
+    python export/onnx.py --run RUN_DIR --out model.onnx [--opset 18] [--image-size H W | --dynamic-image-size]
+                          [--fp16] [--force] [--no-unfolded-report]
+
+The backbone's normalisation, the frozen ViT, the adapter (BatchNorm folded, last layer pruned to the k selected
+channels) and the sparse head (mean/std folded into one (C, k) matrix plus bias) become one graph. After writing,
+ONNX Runtime and the unfolded torch model run the same images; the file is kept only if they agree (fp32: max |diff|
+<= export.parity_tolerance x max |torch|; fp16: same top-1 and map correlation >= 0.99). Exit status: 0 written,
+1 parity gate failed (nothing written), 2 usage error. `--force` overwrites --out and writes even a failed export,
+with a warning. Options left out come from the run's `export` config section. `--no-unfolded-report` skips the
+second export that measures the unfolded graph for the size report.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: this folder is sys.path[0] and would shadow the `onnx` package
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+    sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from export._build import ExportError, ParityError, export_run  # noqa: E402
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python export/onnx.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="run directory (config.yaml, checkpoint/)")
+    parser.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset, >= 17 (default: export.opset, 18)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                      help="fixed input size, multiples of 14 (default: the training size)")
+    size.add_argument("--dynamic-image-size", action="store_true", default=None,
+                      help="H and W as dynamic axes (multiples of 14)")
+    parser.add_argument("--fp16", action="store_true", default=None,
+                        help="float16 weights and compute (inputs and outputs stay float32)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite --out, and write the model even if the parity gate fails")
+    parser.add_argument("--no-unfolded-report", action="store_true",
+                        help="skip exporting the unfolded graph, which only serves the before/after size report "
+                             "(saves one export; parameter counts are still reported)")
+    args = parser.parse_args(argv)
+    try:
+        result = export_run(args.run, args.out, opset=args.opset,
+                            image_size=tuple(args.image_size) if args.image_size else None,
+                            dynamic_image_size=args.dynamic_image_size, fp16=args.fp16, force=args.force,
+                            measure_unfolded=not args.no_unfolded_report)
+    except ParityError as e:  # the numbers were printed with the gate's report above
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.forced:
+        print("WARNING: the parity gate FAILED and --force wrote the model anyway; its outputs differ from the "
+              f"trained model's (dinoqpm.parity in {result.path} records the numbers)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Torch-free inference with an exported DINO-QPM graph: predictions, feature contributions and map overlays.
+
+    python export/predict.py --model model.onnx --images PATH... --out DIR [--provider cuda|cpu] [--top-k 5]
+
+Needs only onnxruntime (or onnxruntime-gpu), numpy and pillow: this file imports nothing else outside the standard
+library, so it can be copied next to the .onnx file and deployed alone. Everything it needs (class names, input size,
+the class -> feature assignment, the head's mean/std) is read from the model's `dinoqpm.*` metadata.
+
+Writes `DIR/predictions.json` and one `DIR/<image stem>.png` per image: the input, the m feature maps of the predicted
+class over it (bilinear upsampling, min-max normalised, jet colours, opacity proportional to the activation, as the
+toolkit's explanation module draws them) and all m maps combined.
+
+Contributions: the graph's head is folded, logits = W' f + b with W'_cj = W_cj / std_j and b_c = -sum_j W'_cj mean_j
+(W binary). The bias is split over the class's features by the term each feature's standardisation put there:
+contribution_j = W'_cj f_j + b_cj with b_cj = -W'_cj mean_j, i.e. W_cj (f_j - mean_j) / std_j as in the unfolded
+model, so the m contributions add up to the logit (up to float rounding, reported as `residual`).
+
+CUDA: `--provider cuda` fails, with the reason, when ONNX Runtime cannot run the graph on the CUDA execution provider;
+it never falls back to the CPU silently. Exit status: 0 done, 2 usage or provider error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: export/ is sys.path[0], and export/onnx.py would shadow `onnx`
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+PREDICTIONS = "predictions.json"
+PREFIX = "dinoqpm."
+DISPLAY_PX = 224  # panel height, as in toolkit.explain.render
+MAX_ALPHA = 0.75  # opacity of a map at its maximum
+COMBINED_THRESHOLD = 0.2  # the combined overlay leaves pixels whose strongest feature is below this uncoloured
+TITLE_PX, HEADER_PX = 34, 24
+# matplotlib's "jet" and "tab10", as (position, value) knots and RGB triples, so no matplotlib is needed.
+_JET = {"r": ([0, 0.35, 0.66, 0.89, 1], [0, 0, 1, 1, 0.5]), "g": ([0, 0.125, 0.375, 0.64, 0.91, 1], [0, 0, 1, 1, 0, 0]),
+        "b": ([0, 0.11, 0.34, 0.65, 1], [0.5, 1, 1, 0, 0])}
+_TAB10 = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
+                   [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]], dtype=np.float32)
+
+
+class PredictError(Exception):
+    """A usage or provider error: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------- session, metadata
+
+
+def open_session(model: Path, provider: str) -> ort.InferenceSession:
+    """An ONNX Runtime session on `provider` ("cpu" or "cuda"); CUDA that does not really load is an error."""
+    if not model.is_file():
+        raise PredictError(f"model file {model} does not exist")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if provider == "cpu":
+        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise PredictError(f"--provider cuda: this onnxruntime {ort.__version__} build has no CUDA execution provider "
+                           f"(available: {', '.join(available)}). Install the gpu extra in a fresh environment "
+                           "(onnxruntime-gpu; it cannot share one with the CPU onnxruntime package)")
+    if hasattr(ort, "preload_dlls"):  # ORT >= 1.21: load CUDA/cuDNN from pip wheels (nvidia-*, torch) if present
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - best effort; the provider check below is what decides
+            pass
+    session = ort.InferenceSession(str(model), opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise PredictError(f"--provider cuda: onnxruntime {ort.__version__} lists the CUDA execution provider but the "
+                           f"session got {session.get_providers()} (its error is logged above). Usual cause: the CUDA "
+                           "12 / cuDNN 9 libraries it was built against are missing or mismatched; install them (e.g. "
+                           "pip install nvidia-cudnn-cu12 nvidia-cublas-cu12) or use --provider cpu")
+    return session
+
+
+def read_metadata(session: ort.InferenceSession) -> dict[str, Any]:
+    """The `dinoqpm.*` metadata, JSON-decoded, without the prefix."""
+    raw = session.get_modelmeta().custom_metadata_map
+    meta = {k.removeprefix(PREFIX): json.loads(v) for k, v in raw.items() if k.startswith(PREFIX)}
+    missing = [k for k in ("classes", "assignment", "image_size", "head", "feature_ids") if k not in meta]
+    if missing:
+        raise PredictError(f"the model lacks the dinoqpm metadata {missing}; export it with export/onnx.py")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------- images
+
+
+def collect_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to their image files (recursively, sorted); missing paths are errors."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise PredictError(f"folder {p} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise PredictError(f"image file {p} does not exist")
+    return out
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise PredictError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+
+
+def to_input(picture: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """PIL image -> (3, H, W) float32 in [0, 1]: the bicubic square resize the toolkit trains with, then /255."""
+    h, w = size
+    arr = np.asarray(picture.resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+    return arr.transpose(2, 0, 1)
+
+
+# ------------------------------------------------------------------------------------------------------- prediction
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def explain_one(logits: np.ndarray, features: np.ndarray, meta: dict[str, Any], top_k: int) -> dict[str, Any]:
+    """Prediction, top-k and the predicted class's feature contributions for one image (module docstring).
+
+    Args:
+        logits: (C,) graph output.
+        features: (k,) graph output.
+        meta: the model's metadata.
+        top_k: how many classes to list.
+    """
+    classes, head = meta["classes"], meta["head"]
+    mean, std = np.asarray(head["mean"], np.float64), np.asarray(head["std"], np.float64)
+    probs = softmax(logits.astype(np.float64))
+    order = np.argsort(-logits, kind="stable")
+    c = int(order[0])
+    feats = []
+    for j in meta["assignment"][c]:
+        weight = 1.0 / std[j]  # W'_cj for the binary W_cj = 1
+        bias_share = -weight * mean[j]
+        feats.append({"feature": int(j), "channel": int(meta["feature_ids"][j]), "activation": float(features[j]),
+                      "mean": float(mean[j]), "std": float(std[j]), "weight": float(weight),
+                      "bias_share": float(bias_share), "contribution": float(weight * features[j] + bias_share)})
+    feats.sort(key=lambda f: -f["contribution"])
+    total = float(sum(f["contribution"] for f in feats))
+    return {"predicted": c, "predicted_name": classes[c], "logit": float(logits[c]), "probability": float(probs[c]),
+            "top_k": [{"class": int(i), "name": classes[int(i)], "logit": float(logits[i]),
+                       "probability": float(probs[i])} for i in order[:top_k]],
+            "features": feats, "contribution_sum": total, "residual": float(logits[c]) - total}
+
+
+# --------------------------------------------------------------------------------------------------------- overlays
+
+
+def jet(norm: np.ndarray) -> np.ndarray:
+    """(..., ) values in [0, 1] -> (..., 3) jet colours in [0, 1]."""
+    return np.stack([np.interp(norm, *_JET[ch]) for ch in "rgb"], axis=-1)
+
+
+def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of one (h, w) map to size (H, W), float32."""
+    img = Image.fromarray(np.asarray(grid_map, dtype=np.float32))  # float32 -> mode "F"
+    return np.asarray(img.resize((size[1], size[0]), Image.BILINEAR))
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(x)
+
+
+def blend(base: np.ndarray, rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """base (H, W, 3) uint8, rgb (H, W, 3) in [0, 1], alpha (H, W) -> uint8."""
+    out = base.astype(np.float32) * (1 - alpha[..., None]) + 255.0 * rgb * alpha[..., None]
+    return np.clip(out.round(), 0, 255).astype(np.uint8)
+
+
+def render(picture: Image.Image, maps: np.ndarray, pred: dict[str, Any], name: str, path: Path) -> tuple[int, int]:
+    """One PNG: input | one overlay per feature of the predicted class | all combined. Returns its (width, height).
+
+    Args:
+        picture: the input image.
+        maps: (k, h, w) graph output for this image.
+        pred: `explain_one`'s result (its features give the panel order).
+        name: shown in the header.
+        path: where the PNG goes.
+    """
+    h, w = maps.shape[1:]
+    size = (DISPLAY_PX, max(1, round(DISPLAY_PX * w / h)))  # the model's aspect ratio
+    base = np.asarray(picture.resize((size[1], size[0]), Image.BICUBIC))
+    ups = [upsample(maps[f["feature"]], size) for f in pred["features"]]
+    norms = [normalise(u) for u in ups]
+    panels = [("input", "", base)]
+    for f, n in zip(pred["features"], norms):
+        panels.append((f"f{f['feature']} (ch {f['channel']})", f"{f['contribution']:+.2f}",
+                       blend(base, jet(n), MAX_ALPHA * n)))
+    if norms:
+        stack = np.stack(norms)
+        top, strength = stack.argmax(axis=0), stack.max(axis=0)
+        colours = _TAB10[np.arange(len(norms)) % len(_TAB10)] / 255.0
+        alpha = np.where(strength >= COMBINED_THRESHOLD, 0.8 * strength, 0.0)
+        panels.append(("combined", "(colours: title)", blend(base, colours[top], alpha)))
+    pad = 6
+    width = len(panels) * (size[1] + pad) + pad
+    canvas = Image.new("RGB", (width, HEADER_PX + TITLE_PX + size[0] + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((pad, 6), f"{name}: {pred['predicted_name']} (p = {pred['probability']:.2f}), logit "
+                        f"{pred['logit']:+.2f} = sum of {len(pred['features'])} contributions", fill="black", font=font)
+    for i, (title, sub, arr) in enumerate(panels):
+        x = pad + i * (size[1] + pad)
+        colour = tuple(int(v) for v in _TAB10[(i - 1) % len(_TAB10)]) if 0 < i <= len(norms) else (0, 0, 0)
+        draw.text((x, HEADER_PX), title, fill=colour, font=font)
+        draw.text((x, HEADER_PX + 14), sub, fill=colour, font=font)
+        canvas.paste(Image.fromarray(arr), (x, HEADER_PX + TITLE_PX))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG")
+    return canvas.size
+
+
+# ----------------------------------------------------------------------------------------------------------- driver
+
+
+def output_names(images: Sequence[Path]) -> list[str]:
+    """`<stem>.png` per image; repeated stems get `_2`, `_3`, ... in input order."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in images:
+        seen[p.stem] = seen.get(p.stem, 0) + 1
+        names.append(f"{p.stem}.png" if seen[p.stem] == 1 else f"{p.stem}_{seen[p.stem]}.png")
+    return names
+
+
+def predict(model: Path, images: Sequence[str | Path], out: Path, *, provider: str = "cpu", top_k: int = 5,
+            image_size: tuple[int, int] | None = None, batch_size: int = 8, force: bool = False) -> dict[str, Any]:
+    """Run the graph on `images`, write the overlays and `out/predictions.json`, and return what was written."""
+    files = collect_images(images)
+    names = output_names(files)
+    existing = [str(t) for t in [out / n for n in names] + [out / PREDICTIONS] if t.exists()]
+    if existing and not force:
+        raise PredictError(f"{len(existing)} output file(s) exist already, e.g. {existing[0]}; pass --force to "
+                           "overwrite them or choose another --out")
+    session = open_session(model, provider)
+    meta = read_metadata(session)
+    size = tuple(meta["image_size"])
+    if image_size is not None and tuple(image_size) != size:
+        if not meta.get("input", {}).get("dynamic_image_size"):
+            raise PredictError(f"the model was exported for {size[0]}x{size[1]} inputs only; --image-size needs an "
+                               "export with --dynamic-image-size")
+        multiple = int(meta["input"]["multiple_of"])
+        if image_size[0] % multiple or image_size[1] % multiple:
+            raise PredictError(f"--image-size must be multiples of {multiple}, got {image_size}")
+        size = tuple(image_size)
+    top_k = max(1, min(top_k, len(meta["classes"])))
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = []
+    for start in range(0, len(files), batch_size):
+        part = files[start:start + batch_size]
+        pictures = [open_image(p) for p in part]
+        batch = np.stack([to_input(p, size) for p in pictures])  # type: ignore[arg-type]
+        logits, maps, features = session.run(["logits", "feature_maps", "features"], {"image": batch})
+        for b, (path, picture, name) in enumerate(zip(part, pictures, names[start:start + batch_size])):
+            pred = {"image": str(path), **explain_one(logits[b], features[b], meta, top_k), "png": name}
+            render(picture, maps[b], pred, path.name, out / name)
+            predictions.append(pred)
+    result = {"model": str(model), "providers": session.get_providers(), "image_size": list(size),
+              "precision": meta.get("precision"), "num_images": len(files), "classes": meta["classes"],
+              "contribution_rule": meta["head"].get("contribution"), "predictions": predictions}
+    (out / PREDICTIONS).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python export/predict.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, type=Path, help="the .onnx file written by export/onnx.py")
+    parser.add_argument("--images", required=True, nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder for the PNGs and predictions.json")
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
+    parser.add_argument("--top-k", type=int, default=5, help="classes listed per image")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="input size for a graph exported with --dynamic-image-size (default: its export size)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+    args = parser.parse_args(argv)
+    try:
+        result = predict(args.model, args.images, args.out, provider=args.provider, top_k=args.top_k,
+                         image_size=tuple(args.image_size) if args.image_size else None, batch_size=args.batch_size,
+                         force=args.force)
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in result["predictions"]:
+        print(f"{p['image']}: {p['predicted_name']} (p = {p['probability']:.3f}) -> {args.out / p['png']}")
+    print(f"wrote {len(result['predictions'])} PNG(s) and {args.out / PREDICTIONS} ({result['providers'][0]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

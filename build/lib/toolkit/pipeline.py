@@ -1,0 +1,214 @@
+"""The stage graph: tokens -> linear probe | dense -> QP -> fine-tune -> evaluation, every stage content-hashed.
+
+`run_pipeline(cfg)` chains the stages through `toolkit.artifacts` (a stage whose inputs did not change is loaded,
+not recomputed) and writes a run directory that explains itself:
+    config.yaml     the fully resolved configuration
+    manifest.json   per stage: artefact key and directory, whether it was cached, seconds, metrics
+    metrics.json    linear_probe / dense / qpm accuracies (+ interpretability metrics) and the QP certificate
+    checkpoint/     the self-contained DINO-QPM model (safetensors + JSON)
+    log.txt         what the console printed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toolkit import __version__
+from toolkit.artifacts import was_cached
+from toolkit.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from toolkit.console import Console
+from toolkit.data import load_dataset
+from toolkit.distributed import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
+from toolkit.files import write_json
+from toolkit.model import Backbone, create_backbone
+from toolkit.stages.dense import DenseResult, run_dense
+from toolkit.stages.evaluate import evaluate_run
+from toolkit.stages.finetune import run_finetune
+from toolkit.stages.probe import run_probe
+from toolkit.stages.select import SelectionResult, run_selection
+from toolkit.stages.tokens import build_tokens, live_split
+from toolkit.train import Split, TrainContext, make_engine_factory
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    stages: dict[str, dict[str, Any]]
+    backbone_builds: int  # how many times the backbone was constructed (0 when every token store was cached)
+
+
+# Settings that change where or how a run executes, not what it computes: a resumed run, or the same config from
+# another checkout or output folder, is the same run.
+_EXECUTION_ONLY = {"runtime": ("resume", "progress", "output_dir", "run_name", "collective_timeout_s"),
+                   "cache": ("root",)}
+
+
+def _identity(cfg: RunConfig) -> dict[str, Any]:
+    d = to_dict(cfg)
+    for section, keys in _EXECUTION_ONLY.items():
+        for k in keys:
+            d[section].pop(k, None)
+    if cfg.runtime.deepspeed_config is not None:  # what the engine reads, not where the file lives
+        path = Path(cfg.runtime.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"config key 'runtime.deepspeed_config': file {path} not found; point it at a DeepSpeed "
+                              "JSON such as launch/ds_config.json, or leave it null for the built-in default")
+        d["runtime"]["deepspeed_config"] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return d
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """12 hex digits over everything the run computes (not where it runs or writes)."""
+    return hashlib.sha256(json.dumps(_identity(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_dir_for(cfg: RunConfig, preset: str | None = None) -> Path:
+    """`runtime.output_dir / runtime.run_name`, or `<preset or dataset>-<config hash>` when no name is set, so the
+    same config always lands in the same directory and any other config gets its own."""
+    name = cfg.runtime.run_name or f"{preset or cfg.data.dataset}-{config_hash(cfg)}"
+    return Path(cfg.runtime.output_dir) / name
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse a directory that holds a run of a different configuration (only possible with a pinned run_name)."""
+    old = run_dir / "config.yaml"
+    if old.is_file() and _identity(load_config(old)) != _identity(cfg):
+        raise FileExistsError(f"{run_dir} already holds a run with a different config; nothing was overwritten. "
+                              "Leave runtime.run_name unset (each config gets its own directory), choose another "
+                              "name, or delete that directory.")
+
+
+def run_pipeline(cfg: RunConfig, *, until: str = "evaluate", preset: str | None = None,
+                 on_epoch: Callable[[str, dict[str, float]], None] | None = None) -> PipelineResult:
+    """Run every stage (or up to `until`: tokens, dense, qp, finetune, evaluate) and write the run directory.
+
+    Args:
+        preset: name of the YAML preset, used in the default run directory name (`<preset>-<config hash>`).
+        on_epoch: called as `on_epoch(stage, metrics)` after each training epoch that actually runs (not for
+            cached stages).
+
+    The datasets are opened before anything is written, so a wrong `data.root` fails without leaving a directory;
+    a run whose first stage fails removes the directory it created.
+    """
+    info = init_distributed(cfg.runtime)
+    run_dir = run_dir_for(cfg, preset)
+    check_run_dir(cfg, run_dir)
+    datasets = {split: load_dataset(cfg.data, split) for split in ("train", "test")}
+    created = not run_dir.exists()
+    barrier()  # every rank has looked before rank 0 creates it
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    barrier()
+    stages: dict[str, dict[str, Any]] = {}
+    try:
+        return _run_stages(cfg, run_dir, datasets, stages, info=info, until=until, on_epoch=on_epoch)
+    except BaseException:
+        if created and not stages and info.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages: dict[str, dict[str, Any]], *,
+                info: DistInfo, until: str,
+                on_epoch: Callable[[str, dict[str, float]], None] | None) -> PipelineResult:
+    console = Console(progress=cfg.runtime.progress, log_file=run_dir / "log.txt")
+    device = resolve_device(cfg.runtime)
+    precision = resolve_precision(cfg.runtime, device)
+    console.log(f"world_size={info.world_size} backend={info.backend} device={device} precision={precision} "
+                f"toolkit={__version__} run_dir={run_dir}")
+    root = Path(cfg.cache.root)
+    ctx = TrainContext(console=console, device=device, seed=cfg.runtime.seed, grad_accum=cfg.runtime.grad_accum,
+                       make_engine=make_engine_factory(cfg.runtime, device, precision),
+                       checkpoint_every=cfg.runtime.checkpoint_every, resume=cfg.runtime.resume,
+                       on_epoch=on_epoch)
+    builds = [0]
+    backbone: list[Backbone] = []
+
+    def get_backbone() -> Backbone:
+        if not backbone:
+            builds[0] += 1
+            seed_everything(cfg.runtime.seed)  # random-init backbones (weights=none) depend on it
+            backbone.append(create_backbone(cfg.backbone, cfg.data.image_size,
+                                            model_kwargs=cfg.backbone.arch_overrides()).to(device))
+        return backbone[0]
+
+    def record(name: str, directory: Path, key: str, metrics: dict[str, Any], t0: float) -> None:
+        stages[name] = {"key": key, "directory": str(directory), "cached": was_cached(directory),
+                        "seconds": round(time.perf_counter() - t0, 3), "metrics": metrics}
+        if info.is_main:
+            write_json(run_dir / "manifest.json", {"config_hash": config_hash(cfg), "stages": stages})
+
+    stores: dict[str, Split] = {}
+    for split in ("train", "test"):
+        t0 = time.perf_counter()
+        dataset = datasets[split]
+        if cfg.cache.mode == "live":
+            stores[split] = live_split(cfg.data, cfg.backbone, split, dataset, seed=cfg.runtime.seed,
+                                       backbone=get_backbone())
+            continue
+        stores[split] = build_tokens(cfg.data, cfg.backbone, cfg.cache, split, dataset, seed=cfg.runtime.seed,
+                                     get_backbone=get_backbone, console=console)
+        record(f"tokens_{split}", stores[split].directory, stores[split].key, {"images": len(dataset)}, t0)
+    if cfg.cache.mode == "live":
+        ctx = dataclasses.replace(ctx, backbone=get_backbone())
+    meta = {"classes": stores["train"].classes, "backbone": cfg.backbone.name,
+            "weights_hash": stores["train"].meta["weights"], "image_size": cfg.data.image_size,
+            "mean": stores["train"].meta["mean"], "std": stores["train"].meta["std"],
+            "reference_minmax": cfg.data.reference_minmax, "dataset_variant": stores["train"].meta["variant"],
+            "config_hash": config_hash(cfg), "toolkit_version": __version__}
+    metrics: dict[str, Any] = {}
+    if until != "tokens":
+        t0 = time.perf_counter()
+        probe_dir, probe_metrics = run_probe(train=stores["train"], test=stores["test"], cfg=cfg.probe, ctx=ctx,
+                                             root=root, meta=meta)
+        record("probe", probe_dir, probe_dir.name, probe_metrics, t0)
+        metrics["linear_probe"] = {"accuracy": probe_metrics["accuracy"]}
+        t0 = time.perf_counter()
+        dense: DenseResult = run_dense(train=stores["train"], test=stores["test"], adapter=cfg.adapter,
+                                       cfg=cfg.dense, ctx=ctx, root=root, meta=meta)
+        record("dense", dense.directory, dense.key, dense.metrics, t0)
+        metrics["dense"] = {"accuracy": dense.metrics["accuracy"]}
+    if until not in ("tokens", "dense"):
+        t0 = time.perf_counter()
+        sel: SelectionResult = run_selection(dense=dense, n_classes=len(stores["train"].classes), cfg=cfg.qp,
+                                             root=root, ctx=ctx)
+        record("qp", sel.directory, sel.key, {"objective": sel.selection.objective}, t0)
+        metrics["qp"] = json.loads(sel.selection.to_json())
+        for k in ("selected", "assignment", "weight"):
+            metrics["qp"].pop(k, None)
+    if until in ("finetune", "evaluate"):
+        t0 = time.perf_counter()
+        ft_dir, ft_metrics = run_finetune(dense=dense, selection=sel, train=stores["train"], test=stores["test"],
+                                          adapter=cfg.adapter, cfg=cfg.finetune, ctx=ctx, root=root, meta=meta)
+        record("finetune", ft_dir, ft_dir.name, ft_metrics, t0)
+        metrics["qpm"] = {"accuracy": ft_metrics["accuracy"],
+                          "accuracy_before_finetune": ft_metrics["accuracy_before_finetune"]}
+        if info.is_main:
+            if (run_dir / "checkpoint").exists():
+                shutil.rmtree(run_dir / "checkpoint")
+            shutil.copytree(ft_dir / "checkpoint", run_dir / "checkpoint")
+    if info.is_main:
+        write_json(run_dir / "metrics.json", metrics)
+        if until == "evaluate" and cfg.cache.mode == "cached":  # interpretability metrics read the token cache
+            metrics = evaluate_run(run_dir, console=console)
+        console.log("metrics: " + json.dumps({k: v.get("accuracy") for k, v in metrics.items()
+                                              if isinstance(v, dict) and "accuracy" in v}))
+    barrier()
+    return PipelineResult(run_dir=run_dir, metrics=metrics, stages=stages, backbone_builds=builds[0])

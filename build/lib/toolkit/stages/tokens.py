@@ -1,0 +1,63 @@
+"""Stage `tokens`: one pass of the frozen backbone per split into the token cache (or a live split).
+
+The store is built only on a cache miss, sharded over the ranks of a distributed run, and `get_backbone` is called
+only then, so a rerun with the same data and backbone never constructs the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.artifacts import get_or_run
+from toolkit.cache import LiveSplit, TokenStore, allocate_store, extract_tokens, token_key
+from toolkit.config import BackboneConfig, CacheConfig, DataConfig
+from toolkit.console import Console
+from toolkit.distributed import barrier, dist_info
+from toolkit.model import Backbone
+
+
+def live_split(data: DataConfig, backbone_cfg: BackboneConfig, split: str, dataset: Any, *, seed: int,
+               backbone: Backbone) -> LiveSplit:
+    """A split served live (cache.mode=live): nothing is written, the backbone runs in the training loop."""
+    key, _ = token_key(data, backbone_cfg, split, list(dataset.ids), seed)
+    return LiveSplit(dataset=dataset, backbone=backbone, data=data, key=key)
+
+
+def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheConfig, split: str, dataset: Any,
+                 *, seed: int, get_backbone: Callable[[], Backbone], console: Console) -> TokenStore:
+    """The cached tokens of one split; `get_backbone` is called only when the store has to be built."""
+    key, slice_ = token_key(data, backbone_cfg, split, list(dataset.ids), seed)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        info = dist_info()
+        backbone = get_backbone()
+        grid = backbone.grid(data.image_size)
+        if info.is_main:
+            has_masks = len(dataset) > 0 and dataset[0][2] is not None
+            allocate_store(tmp, n=len(dataset), grid=grid, dim=backbone.embed_dim, masks=has_masks)
+        barrier()
+        t0 = time.perf_counter()
+        n = extract_tokens(backbone, dataset, tmp, image_size=data.image_size,
+                           reference_minmax=data.reference_minmax, batch_size=backbone_cfg.batch_size,
+                           console=console, desc=f"backbone tokens ({split})", shard=(info.rank, info.world_size))
+        seconds = time.perf_counter() - t0
+        barrier()
+        if not info.is_main:
+            return {}
+        np.save(tmp / "labels.npy", np.asarray(dataset.labels, dtype=np.int64))
+        meta = {"grid": list(grid), "classes": list(dataset.classes), "ids": list(dataset.ids),
+                "variant": dataset.variant, "embed_dim": backbone.embed_dim, "backbone": backbone.name,
+                "weights": backbone.weights_hash, "mean": list(backbone.mean), "std": list(backbone.std)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        # Rank 0's throughput; every rank encodes about len(dataset) / world_size images.
+        return {"images": len(dataset), "images_per_second_rank0": round(n / max(seconds, 1e-9), 2),
+                "world_size": info.world_size}
+
+    directory, _, _ = get_or_run(Path(cache.root), "tokens", key, build, config=slice_, log=console.log)
+    return TokenStore(directory, key)

@@ -1,0 +1,83 @@
+"""The DeepSpeed engine behind the `Engine` interface; the only module that imports DeepSpeed.
+
+The frozen backbone never enters the engine (DeepSpeed has edge cases with frozen parameters); only the adapter and
+head are trained. ZeRO stage 0 (DDP-like) is the default because the trained model is small; 1 and 2 are selectable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolkit.config import ConfigError, RuntimeConfig, TrainConfig
+from toolkit.distributed import barrier, dist_info
+from toolkit.train.engine import make_optimizer, make_scheduler
+
+# Fields that always come from our config; a template that sets them to something else is an error.
+FILLED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def deepspeed_config(cfg: TrainConfig, runtime: RuntimeConfig, *, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config: the template (runtime.deepspeed_config) with batch, ZeRO and bf16 filled from ours."""
+    template: dict[str, Any] = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
+                                "steps_per_print": 1_000_000, "wall_clock_breakdown": False}
+    if runtime.deepspeed_config:
+        path = Path(runtime.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"config key 'runtime.deepspeed_config': {path} not found")
+        template = json.loads(path.read_text())
+    world = dist_info().world_size
+    micro = cfg.batch_size // (world * runtime.grad_accum)
+    filled = {"train_batch_size": cfg.batch_size, "train_micro_batch_size_per_gpu": micro,
+              "gradient_accumulation_steps": runtime.grad_accum}
+    for k in FILLED:
+        if k in template and template[k] != filled[k]:
+            raise ConfigError(f"{runtime.deepspeed_config}: '{k}'={template[k]} disagrees with the run config "
+                              f"({filled[k]}); remove it from the JSON, it is filled from our config")
+    out = {**template, **filled}
+    out["zero_optimization"] = {**template.get("zero_optimization", {}), "stage": runtime.zero_stage}
+    out["bf16"] = {**template.get("bf16", {}), "enabled": precision == "bf16"}
+    return out
+
+
+class DeepSpeedEngine:
+    """`deepspeed.initialize` around the trainable module with our AdamW and LR schedule (client objects)."""
+
+    def __init__(self, *, module: nn.Module, cfg: TrainConfig, runtime: RuntimeConfig, total_steps: int,
+                 device: torch.device, precision: str) -> None:
+        import deepspeed
+
+        module.to(device)
+        self.device = device
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.raw = module
+        self.config = deepspeed_config(cfg, runtime, precision=precision)
+        optimizer = make_optimizer(module, cfg)
+        # The schedule counts optimizer steps; DeepSpeed steps it once per accumulation boundary.
+        scheduler = make_scheduler(optimizer, cfg, total_steps)
+        self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
+            model_parameters=[p for p in module.parameters() if p.requires_grad])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss)  # DeepSpeed scales by the accumulation steps itself
+
+    def step(self) -> None:
+        self.module.step()
+
+    def save(self, directory: Path, client_state: dict[str, Any]) -> None:
+        """DeepSpeed checkpoint (every rank takes part); its `latest` file is written only once a tag is complete,
+        so a half-written checkpoint is never loaded."""
+        tag = f"epoch{client_state['epoch']}-step{client_state['step']}"
+        self.module.save_checkpoint(str(directory), tag=tag, client_state={"client": client_state})
+        barrier()
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        path, state = self.module.load_checkpoint(str(directory))
+        if path is None:
+            raise FileNotFoundError(f"no complete DeepSpeed checkpoint in {directory}")
+        return state["client"]

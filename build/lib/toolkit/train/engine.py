@@ -1,0 +1,95 @@
+"""The training `Engine` interface and its plain-torch implementation, with the optimiser and schedule factories.
+
+The training loop only talks to an `Engine` (backward, step, save, load). `TorchEngine` runs on plain torch (one
+process, or DDP under torchrun); `toolkit.train._deepspeed` provides the DeepSpeed engine and is the only module
+that imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from toolkit.config import TrainConfig
+from toolkit.distributed import barrier, dist_info
+from toolkit.files import atomic_write_bytes
+
+
+class Engine(Protocol):
+    """What the training loop needs from DeepSpeed or plain torch."""
+
+    module: nn.Module
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def save(self, directory: Path, client_state: dict[str, Any]) -> None: ...
+
+    def load(self, directory: Path) -> dict[str, Any]: ...
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+class TorchEngine:
+    """Plain-torch engine: AdamW + schedule, gradient accumulation, DDP when several processes run."""
+
+    def __init__(self, *, module: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device,
+                 grad_accum: int = 1, precision: str = "fp32") -> None:
+        module.to(device)
+        self.device = device
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.raw = module
+        self.module = module
+        if dist_info().world_size > 1:
+            self.module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = make_optimizer(module, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, total_steps)
+        self.grad_accum = grad_accum
+        self._micro = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self._micro += 1
+        if self._micro % self.grad_accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+
+    def save(self, directory: Path, client_state: dict[str, Any]) -> None:
+        """Write a resumable checkpoint; `latest` is written last, so a half-written one is never loaded."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if dist_info().is_main:
+            buf = io.BytesIO()
+            torch.save({"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "micro": self._micro, "client": client_state}, buf)
+            atomic_write_bytes(directory / "engine.pt", buf.getvalue())
+            (directory / "latest").write_text("engine.pt\n")
+        barrier()
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        # Our own file (model and optimizer tensors, plain dicts): weights_only keeps pickle code out.
+        state = torch.load(directory / "engine.pt", map_location=self.device, weights_only=True)
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._micro = state["micro"]
+        return state["client"]

@@ -1,0 +1,69 @@
+"""Ray Tune sweep of DINO-QPM sparsity, diversity, QP and fine-tune settings; trials share tokens and dense model.
+
+    python tune/sweep.py --config configs/demo.yaml --space tune/spaces/default.yaml --num-samples 8 \\
+        [--scheduler asha|fifo] [--search random|optuna] [--cpus-per-trial C] [--gpus-per-trial G] \\
+        [--workers-per-trial W] [--output DIR] [--address ADDR] [--export-best] [key=value ...]
+
+Writes to DIR: table.txt (the printed table), trials.csv, sweep.json (Pareto front, rule, shared-work counts),
+best.yaml (the chosen trial's config, loadable by launch/train.py), runs/trial-*/ (each trial's run directory) and
+ray/ (Tune's own results and checkpoints). Exit codes: 0 done, 1 no trial completed, 2 bad arguments or config,
+3 the ONNX export of the best run failed or is unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from toolkit.config import ConfigError  # noqa: E402
+from tune.runner import SweepOptions, run_sweep  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> SweepOptions:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML preset (configs/*.yaml); defaults when omitted")
+    p.add_argument("--space", type=Path, default=Path("tune/spaces/default.yaml"), help="search space YAML")
+    p.add_argument("--num-samples", type=int, default=8, help="trials (per grid point when the space has 'grid')")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
+                   help="asha stops trials whose fine-tune train accuracy lags at a rung; fifo runs all to the end")
+    p.add_argument("--search", choices=["random", "optuna"], default="random")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs of one trial (all its workers together)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs of one trial; fractions share a GPU")
+    p.add_argument("--workers-per-trial", type=int, default=1,
+                   help="> 1: each trial trains with Ray Train's TorchTrainer and the DeepSpeed engine")
+    p.add_argument("--output", type=Path, default=Path("runs/sweep"), help="where the sweep's files go")
+    p.add_argument("--address", help="join a running Ray cluster (e.g. auto or host:6379) instead of a local one")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--seed", type=int, help="seed of the search algorithm (reproducible samples)")
+    p.add_argument("--grace-period", type=int, help="ASHA: fine-tune epochs before the first cut")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="choice rule: front trials within this accuracy of the best compete on interpretability")
+    p.add_argument("--export-best", action="store_true", help="export the chosen run to DIR/best.onnx")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the base config, e.g. dense.epochs=5")
+    a = p.parse_args(argv)
+    return SweepOptions(config=a.config, space=a.space, num_samples=a.num_samples, output=a.output,
+                        overrides=tuple(a.overrides), scheduler=a.scheduler, search=a.search,
+                        cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
+                        workers_per_trial=a.workers_per_trial, address=a.address, max_concurrent=a.max_concurrent,
+                        seed=a.seed, grace_period=a.grace_period, tolerance=a.tolerance, export_best=a.export_best)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    try:
+        summary = run_sweep(opts)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary.chosen is None:
+        return 1
+    if summary.export_rc not in (None, 0):
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""What one sweep trial runs: the pipeline on its sampled config, reporting every fine-tune epoch to Tune.
+
+Trials share work through the content-hashed stage artefacts (`toolkit.artifacts.get_or_run` holds a file lock per
+key, so trials that start together compute a shared stage once and the others wait and load it). Each trial only
+changes what its sampled keys feed, so a sweep over QP and fine-tune settings extracts tokens and trains the dense
+model once.
+
+Reports: one per fine-tune epoch (the scheduler's signal, `train_accuracy`; the test accuracy is only known at the
+end) and a final one with test accuracy, interpretability metrics, the QP certificate and the shared-work counters.
+The training-iteration count is therefore the same for every trial (fine-tune epochs + 1), whichever trial happened
+to train the shared dense model, which is what ASHA's rungs need. Every report carries a checkpoint: per epoch a
+small progress record, at the end the trial's DINO-QPM checkpoint with its metrics and config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toolkit.config import RunConfig, replace
+from tune.space import overrides_of
+
+STAGES = ("probe", "dense", "finetune")
+SPLITS = ("train", "test")  # the pipeline extracts one token store per split
+# toolkit.artifacts.get_or_run logs "<stage>: built in ..." when this process built the artefact, and "cached" or
+# "built by another process" when it loaded one; the run's log.txt therefore says which token stores a trial made.
+_TOKENS_BUILT = re.compile(r"\btokens: built in ")
+# Interpretability metrics read from metrics.json's "qpm" section when the evaluate stage wrote them.
+INTERP_KEYS = ("sid_at_5", "plausibility", "class_independence", "contrastiveness", "correlation",
+               "structural_grounding")
+# Keys present in every report (Tune checks that the scheduler's and searcher's metrics are in each result).
+SCHEDULER_METRIC = "train_accuracy"
+SEARCH_METRIC = "accuracy"
+
+Report = Callable[[dict[str, Any], "Path | None"], None]  # (metrics, checkpoint directory or None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSetup:
+    """Everything a trial needs besides its sample; pickled to the trial's process by `tune.with_parameters`."""
+
+    base: RunConfig  # the sweep's config (fixed space values applied, paths absolute)
+    output: str  # the sweep's output folder (absolute): trials write runs/<trial name>/ under it
+    workers: int = 1  # > 1: Ray Train TorchTrainer with this many workers per trial
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    cwd: str | None = None  # the sweep's working directory: trials run there, as launch/train.py would
+
+
+def trial_config(setup: TrialSetup, sample: dict[str, Any], trial_id: str) -> RunConfig:
+    """The trial's config: base + sampled keys + its own run directory. Raises ConfigError when impossible."""
+    overrides = [*overrides_of(sample), f"runtime.output_dir={Path(setup.output) / 'runs'}",
+                 f"runtime.run_name=trial-{trial_id}", "runtime.progress=false"]
+    if setup.workers > 1 and setup.base.runtime.engine == "auto":
+        overrides.append("runtime.engine=deepspeed")  # the same engine as `deepspeed launch/train.py`
+    return replace(setup.base, overrides)
+
+
+def backbone_passes(run_dir: Path) -> int:
+    """Token stores (backbone passes over a split) this trial extracted itself: 0, 1 or 2."""
+    log = run_dir / "log.txt"
+    return len(_TOKENS_BUILT.findall(log.read_text())) if log.is_file() else 0
+
+
+class EpochReporter:
+    """The pipeline's `on_epoch` hook: counts which training loops ran here and reports fine-tune epochs."""
+
+    def __init__(self, report: Report, *, is_main: bool, run_dir: Path | None = None) -> None:
+        self.report = report
+        self.is_main = is_main
+        self.run_dir = run_dir
+        self.trained = dict.fromkeys(STAGES, 0)  # 1 when this trial ran that stage's training loop
+        self.last: dict[str, float] = {}
+
+    def counters(self) -> dict[str, int]:
+        """Shared-work counters, in every report so that trials stopped early count too."""
+        passes = backbone_passes(self.run_dir) if self.run_dir is not None else 0
+        return {"backbone_passes": passes, **{f"trained_{k}": v for k, v in self.trained.items()}}
+
+    def __call__(self, stage: str, metrics: dict[str, float]) -> None:
+        self.trained[stage] = 1
+        if stage != "finetune":  # dense/probe run in only one of the trials that share them: not a common clock
+            return
+        self.last = metrics
+        out = {"epoch": int(metrics["epoch"]), SCHEDULER_METRIC: float(metrics["train_accuracy"]),
+               SEARCH_METRIC: None, **{f"loss_{k}": float(v) for k, v in metrics.items()
+                                       if k not in ("epoch", "train_accuracy")}, **self.counters()}
+        with tempfile.TemporaryDirectory(prefix="progress-") as tmp:
+            if self.is_main:
+                (Path(tmp) / "progress.json").write_text(json.dumps({"stage": stage, **out}, indent=2))
+            self.report(out, Path(tmp) if self.is_main else None)
+
+
+def final_metrics(cfg: RunConfig, metrics: dict[str, Any], stages: dict[str, Any], *, reporter: EpochReporter,
+                  backbone_builds: int, seconds: float, run_dir: Path) -> dict[str, Any]:
+    """The trial's last report: flat scalars from metrics.json (an interpretability key is None when it is absent)."""
+    qpm, qp = metrics.get("qpm", {}), metrics.get("qp", {})
+    ft_train = stages.get("finetune", {}).get("metrics", {}).get("train_accuracy")
+    out: dict[str, Any] = {
+        SEARCH_METRIC: qpm.get("accuracy"),
+        SCHEDULER_METRIC: float(reporter.last.get("train_accuracy", ft_train or 0.0)),
+        "accuracy_before_finetune": qpm.get("accuracy_before_finetune"),
+        "dense_accuracy": metrics.get("dense", {}).get("accuracy"),
+        "probe_accuracy": metrics.get("linear_probe", {}).get("accuracy"),
+        **{k: qpm.get(k) for k in INTERP_KEYS},
+        **{f"qp_{k}": qp.get(k) for k in ("objective", "bound", "gap", "status", "seconds", "solver")},
+        "qp_n_features": cfg.qp.n_features, "qp_n_per_class": cfg.qp.n_per_class,
+        "backbone_builds": backbone_builds, **reporter.counters(),
+        "seconds": round(seconds, 3), "run_dir": str(run_dir),
+    }
+    return out
+
+
+def execute(cfg: RunConfig, report: Report, *, is_main: bool) -> dict[str, Any]:
+    """Run the pipeline for one trial (in this process, or as one Ray Train worker) and send the final report."""
+    from toolkit.pipeline import run_pipeline  # imported in the trial's process, after Ray has set threads
+
+    t0 = time.perf_counter()
+    reporter = EpochReporter(report, is_main=is_main,
+                             run_dir=Path(cfg.runtime.output_dir) / (cfg.runtime.run_name or ""))
+    result = run_pipeline(cfg, on_epoch=reporter)
+    final = final_metrics(cfg, result.metrics, result.stages, reporter=reporter,
+                          backbone_builds=result.backbone_builds, seconds=time.perf_counter() - t0,
+                          run_dir=result.run_dir)
+    with tempfile.TemporaryDirectory(prefix="final-") as tmp:
+        ckpt = Path(tmp)
+        if is_main:
+            if (result.run_dir / "checkpoint").is_dir():
+                shutil.copytree(result.run_dir / "checkpoint", ckpt / "checkpoint")
+            for name in ("metrics.json", "config.yaml"):
+                if (result.run_dir / name).is_file():
+                    shutil.copy2(result.run_dir / name, ckpt / name)
+        report(final, ckpt if is_main else None)
+    return final
+
+
+def _tune_report(metrics: dict[str, Any], directory: Path | None) -> None:
+    from ray import tune
+
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)) if directory else None)
+
+
+def _train_report(metrics: dict[str, Any], directory: Path | None) -> None:
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if directory else None)
+
+
+def _enter(cwd: str | None) -> None:
+    """Run in the sweep's working directory: Tune and Train start processes in their own folders, but relative
+    paths the toolkit uses itself (the converted-weights cache .cache/weights) must resolve as for launch/train.py,
+    so every trial shares them."""
+    if cwd and Path(cwd).is_dir():
+        os.chdir(cwd)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the process group is already up (gloo/nccl), the toolkit joins it."""
+    import ray.train
+
+    _enter(config["cwd"])
+    execute(config["cfg"], _train_report, is_main=ray.train.get_context().get_world_rank() == 0)
+
+
+def run_trial(sample: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable. Impossible settings raise (ConfigError, QP pre-checks) and fail this trial only."""
+    from ray import tune
+
+    _enter(setup.cwd)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(setup, sample, trial_id)
+    if setup.workers <= 1:
+        execute(cfg, _tune_report, is_main=True)
+        return
+    # Train V2 pattern (stack.md §5): a TorchTrainer inside the function trainable, forwarded by
+    # TuneReportCallback; `Result.metrics` of trainer.fit() is None under V2, so nothing is read from it.
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if setup.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        _worker_loop, train_loop_config={"cfg": cfg, "cwd": setup.cwd},
+        scaling_config=ray.train.ScalingConfig(num_workers=setup.workers, use_gpu=setup.gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=f"trial-{trial_id}", storage_path=str(Path(setup.output) / "ray-train"),
+                                       callbacks=[TuneReportCallback()]))
+    trainer.fit()
+
