@@ -120,6 +120,12 @@ def duplicate_groups(assignment: Assignment) -> dict[tuple[int, ...], list[int]]
     return {fs: cs for fs, cs in groups.items() if len(cs) > 1}
 
 
+def unused_features(selected: np.ndarray, assignment: Assignment) -> list[int]:
+    """Selected features that no class uses (ascending); the exact model allows none (s_f <= sum_c X[f, c])."""
+    used = {int(f) for fs in assignment for f in fs}
+    return sorted(int(f) for f in np.asarray(selected).ravel() if int(f) not in used)
+
+
 def input_sha256(A: np.ndarray, R: np.ndarray) -> str:
     """sha256 over the shapes and the float64 little-endian bytes of A and R (the matrices the solve used)."""
     h = hashlib.sha256()

@@ -1,10 +1,12 @@
-"""`solve_qp`: pre-checks, tau, heuristic, certified bound, MILP, verification -> `Selection`.
+"""`solve_qp`: pre-checks, tau, heuristic, certified bounds, MILP, verification -> `Selection`.
 
 Time budget (cfg.time_limit, seconds, counted from the call): the greedy and the first local-search descents
-always finish; iterated local search runs until 5 % of the budget, the Lagrangian bound until 25 % (all of it with
-the heuristic solver), the MILP gets what is left. The MILP is skipped when the answer is already proven within
-cfg.mip_gap, and, for HiGHS/SCIP, when the pruned model would exceed `_MILP_MAX_COLUMNS` columns (ImageNet size:
-its root LP alone does not finish in minutes on 2 cores); the bound then keeps improving instead.
+always finish; iterated local search runs until 5 % of the budget. Then the LP-Lagrangian bound (`bound`) until
+15 % (all of the budget with the heuristic solver), whose prices start the subset-Lagrangian bound (`subset_bound`,
+the penalty kept exact) until 85 %; every selection it meets is polished by local search. The MILP gets what is left
+if the gap is still open. It is skipped for HiGHS/SCIP when the pruned model would exceed `_MILP_MAX_COLUMNS`
+columns (ImageNet size: its root LP alone does not finish in minutes on 2 cores); iterated local search then uses the
+rest of the time. Each stage stops early once the answer is proven within cfg.mip_gap.
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from toolkit.config import QPConfig
 from toolkit.qp._checks import QPVerificationError, check_inputs, check_solver_name, rel_gap
 from toolkit.qp.backends import Backend, resolve_backend
 from toolkit.qp.bound import dual_bound
-from toolkit.qp.certificate import Selection, verify, weight_matrix
+from toolkit.qp.certificate import ZERO_GAP, Selection, verify, weight_matrix
 from toolkit.qp.heuristic import Candidate, finish, iterated_local_search, local_search, run_heuristic
 from toolkit.qp.milp import candidate_lists, solve_milp
 from toolkit.qp.problem import Problem, build_problem, input_sha256
+from toolkit.qp.subset_bound import subset_bound
 from toolkit.qp.threshold import choose_tau
 from toolkit.qp_inputs import similarity_R
 
 _ILS_SHARE = 0.05  # of the time budget: iterated local search (rarely gains on these instances, see the results)
-_BOUND_SHARE = 0.25  # the Lagrangian bound before a MILP (its prices prune the MILP, whose root LP is as tight)
+_BOUND_SHARE = 0.15  # the LP-Lagrangian bound before the subset bound (its prices start it and prune the MILP)
+_SUBSET_SHARE = 0.85  # the subset-Lagrangian bound runs until this share of the budget
+_MIN_MILP_SECONDS = 10.0  # a MILP round with less time than this proves nothing at CUB size; ILS gets the time
 _MILP_MAX_COLUMNS = 120_000  # x + y columns above which HiGHS/SCIP are not tried (Gurobi always is)
 _BOUND_SLACK = 1e-5  # a bound below the objective by more than this (relative) means a bug, not rounding
 
@@ -35,6 +40,15 @@ def _polish(problem: Problem, selected: np.ndarray, source: str, deadline: float
     """Local search plus distinctness-aware polishing from another method's selection."""
     sel, v = local_search(problem, selected, deadline)
     return finish(problem, sel, v, deadline, f"{source}+ls")
+
+
+def _status(gap: float, mip_gap: float, exact: bool) -> str:
+    """What the certificate proves (certificate.STATUSES)."""
+    if gap <= ZERO_GAP:
+        return "optimal"
+    if gap <= mip_gap + 1e-12:
+        return "within_gap"
+    return "time_limit" if exact else "heuristic"
 
 
 def _better(a: Candidate, b: Candidate) -> Candidate:
@@ -82,33 +96,52 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     heuristic_value = best.value
     say(f"qp: heuristic {best.value:.6f} ({t_heur:.1f}s)")
 
+    def proven(value: float, ub: float) -> bool:
+        return rel_gap(value, ub) <= cfg.mip_gap
+
     t1 = time.perf_counter()
     dual = dual_bound(problem, t0 + (budget if backend is None else _BOUND_SHARE * budget),
                       target=best.value + cfg.mip_gap * abs(best.value))
-    bound = dual.value
+    bound, bound_source = dual.value, "lagrangian-lp"
     # The Lagrangian's own selection (top-k scores) is a further start for the local search.
     top_k = np.sort(np.argsort(-dual.g)[:k])
-    best = _better(best, _polish(problem, top_k, "bound", t0 + budget))
+    best = _better(best, _polish(problem, top_k, "lp-bound", t0 + budget))
     t_bound = time.perf_counter() - t1
-    say(f"qp: Lagrangian bound {bound:.6f}, gap {rel_gap(best.value, bound):.3%} ({t_bound:.1f}s)")
+    say(f"qp: LP-Lagrangian bound {bound:.6f}, gap {rel_gap(best.value, bound):.3%} ({t_bound:.1f}s)")
+
+    sub_info: dict[str, float | int] = {}
+    if backend is not None and not proven(best.value, bound) and len(problem.pw):
+        t1 = time.perf_counter()
+        box = {"best": best}
+
+        def on_selection(sel: np.ndarray) -> float:
+            # Each inner optimum is a good selection: polish it (a few seconds at most) and keep the best answer.
+            box["best"] = _better(box["best"], _polish(problem, sel, "subset-bound",
+                                                       min(t0 + budget, time.perf_counter() + 5.0)))
+            return box["best"].value
+
+        sub = subset_bound(problem, dual.u, t0 + _SUBSET_SHARE * budget, incumbent=best.value,
+                           target=best.value * (1 + cfg.mip_gap), start=best.selected, on_selection=on_selection)
+        best = box["best"]
+        if sub.value < bound:
+            bound, bound_source = sub.value, "lagrangian-subset"
+        sub_info = {"subset_bound": sub.value, "subset_iterations": sub.iterations,
+                    "subset_seconds": time.perf_counter() - t1, "subset_inner_seconds": sub.inner_seconds}
+        say(f"qp: subset-Lagrangian bound {sub.value:.6f} ({sub.iterations} inner solves), answer {best.value:.6f}, "
+            f"gap {rel_gap(best.value, bound):.3%} ({time.perf_counter() - t1:.1f}s)")
 
     milp_info: dict[str, float | int | bool | str] = {}
     rounds = 0
-    if backend is not None and rel_gap(best.value, bound) > cfg.mip_gap:
+    left = t0 + budget - time.perf_counter()
+    if backend is not None and not proven(best.value, bound):
         lists = candidate_lists(problem, dual.u, best)
         columns = sum(len(t) for t in lists) + len(problem.pw)
-        if backend.name != "gurobi" and columns > _MILP_MAX_COLUMNS:
-            # Measured (qpbench.md, benchmarks/qp_results.md): open-source simplex does not finish the root LP of
-            # a model this size within minutes on 2 cores, so the time goes to the bound instead.
-            say(f"qp: MILP skipped: {columns} columns exceed {_MILP_MAX_COLUMNS} for {backend.name}; "
-                f"the Lagrangian bound continues")
-            milp_info = {"milp_skipped": f"{columns} columns"}
-            more = dual_bound(problem, t0 + (1 - _ILS_SHARE) * budget, u0=dual.u, mu0=dual.mu,
-                              target=best.value + cfg.mip_gap * abs(best.value))
-            bound = min(bound, more.value)
-            top_k = np.sort(np.argsort(-more.g)[:k])  # the refined Lagrangian selection as one more start
-            best = _better(best, _polish(problem, top_k, "bound", t0 + budget))
-            # Whatever time the bound left (it stops once it stalls) goes to the primal side.
+        if backend.name != "gurobi" and (columns > _MILP_MAX_COLUMNS or left < _MIN_MILP_SECONDS):
+            # Measured (benchmarks/qp_results.md): open-source simplex does not finish the root LP of a model this
+            # size within minutes on 2 cores, so the time goes to the answer instead.
+            why = f"{columns} columns" if columns > _MILP_MAX_COLUMNS else f"{left:.1f}s left"
+            say(f"qp: MILP skipped ({why}); iterated local search uses the remaining time")
+            milp_info = {"milp_skipped": why}
             best = iterated_local_search(problem, best, t0 + budget, rng=np.random.default_rng(1),
                                          max_kicks=10**6, patience=10**6)
         else:
@@ -116,7 +149,8 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
             res = solve_milp(problem, best, backend, lists=lists, deadline=t0 + budget, mip_gap=cfg.mip_gap,
                              log=say)
             rounds = res.rounds
-            bound = min(bound, res.bound)
+            if res.bound < bound:
+                bound, bound_source = res.bound, f"milp-{backend.name}"
             if res.best is not None:
                 best = _better(best, res.best)
                 if "repair" in res.best.source:  # a repaired MILP selection may sit next to a better one
@@ -129,16 +163,16 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
         raise QPVerificationError(f"bound {bound!r} is below the objective {value!r}: the bound is invalid")
     bound = max(bound, value)
     gap = rel_gap(value, bound)
-    if backend is None:
-        status = "heuristic"
-    else:
-        status = "optimal" if gap <= cfg.mip_gap + 1e-12 else "time_limit"
+    status = _status(gap, cfg.mip_gap, exact=backend is not None)
     seconds = time.perf_counter() - t0
     say(f"qp: {status}: objective {value:.6f}, bound {bound:.6f}, gap {gap:.3%}, {seconds:.1f}s "
-        f"(answer from {best.source})")
-    stats = {"answer_source": best.source, "heuristic_objective": heuristic_value, "lagrangian_bound": dual.value,
-             "n_pairs": int(len(problem.pw)), "heuristic_seconds": t_heur, "bound_seconds": t_bound,
-             "redundancy_weight": problem.w, "mip_gap": cfg.mip_gap, **milp_info}
+        f"(answer from {best.source}, bound from {bound_source})")
+    n_pairs_all = problem.n_features * (problem.n_features - 1) // 2
+    stats = {"answer_source": best.source, "bound_source": bound_source, "heuristic_objective": heuristic_value,
+             "lagrangian_bound": dual.value, "n_pairs": int(len(problem.pw)),
+             "pairs_share": len(problem.pw) / max(n_pairs_all, 1), "heuristic_seconds": t_heur,
+             "bound_seconds": t_bound, "redundancy_weight": problem.w, "mip_gap": cfg.mip_gap, **sub_info,
+             **milp_info}
     sel = best.selected.astype(np.int64)
     assignment = [list(fs) for fs in best.assignment]
     return Selection(selected=sel, assignment=assignment, weight=weight_matrix(sel, assignment), objective=value,
