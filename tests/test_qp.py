@@ -53,7 +53,8 @@ def _instance(seed: int, *, twins: bool) -> np.ndarray:
 def _best_covering(gain: np.ndarray, subsets: list[tuple[int, ...]], sel: tuple[int, ...]) -> float:
     """Best distinct assignment that uses every feature of `sel`, by an ILP over (class, subset) pairs (a model
     unrelated to the solver's: one subset per class, each subset at most once, each feature covered)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp as scipy_milp
+    from scipy.optimize import Bounds, LinearConstraint
+    from scipy.optimize import milp as scipy_milp
 
     n_cls, n_sub = gain.shape
     one_each = np.kron(np.eye(n_cls), np.ones(n_sub))

@@ -5,7 +5,7 @@ classes may use the same feature set, and every selected feature must be used by
 s_f <= sum_c X[f, c], docs/method.md#qp). Three steps, each never worse than the one before, then a repair:
 
 1. top-m per class (the optimum without distinctness; an upper bound for this S);
-2. the reference's de-duplication (qpm.md §1.4): while two classes share a set, apply the cheapest single swap
+2. the reference's de-duplication (docs/method.md#qp): while two classes share a set, apply the cheapest single swap
    (one feature of the set out, one other selected feature in) that creates no new collision;
 3. an assignment problem over the classes that ever collided: each picks one of its best m-subsets of S (found
    best-first), subsets used by the other classes are taken, and `linear_sum_assignment` maximises the total.

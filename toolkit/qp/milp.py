@@ -1,6 +1,6 @@
 """The exact model as a MILP through cvxpy, with lazy distinctness and per-class candidate pruning.
 
-Model (qpm.md §7.3, F1), for per-class candidate lists T_c (all features on small instances):
+Model (docs/method.md#qp, "F1"), for per-class candidate lists T_c (all features on small instances):
 
     max  alpha * (sum_{c, f in T_c} A[f, c] x_fc + sum_c a+_c o_c)  -  sum_{p=(i,j)} w R_ij y_p
     s.t. sum_f s_f = k;   sum_{f in T_c} x_fc + o_c = m  (all c);   x_fc <= s_f;
@@ -8,7 +8,7 @@ Model (qpm.md §7.3, F1), for per-class candidate lists T_c (all features on sma
          used by some class);   s binary, x in [0, 1] (binary for classes in a cut), o_c in [0, m];
          for every duplicate group (D, classes G): z_c >= sum_{f in D} x_fc - (m - 1), z >= 0, sum_{c in G} z_c <= 1.
 
-* X continuous: for a fixed integral s each class's polytope has integral vertices (qpm.md §7.1.2), so only F
+* X continuous: for a fixed integral s each class's polytope has integral vertices (docs/method.md#qp), so only F
   binaries. Classes named in a cut get binary x, since a fractional x could slip under the cut.
 * Pruning with an overflow certificate: o_c stands for "features outside T_c" at the optimistic price
   a+_c = max_{f not in T_c} A[f, c] and needs no selected feature, so the pruned model is a relaxation and its

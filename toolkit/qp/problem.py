@@ -49,7 +49,7 @@ class Problem:
 
     @property
     def alpha(self) -> float:
-        """1000 / (m C): keeps the A term at a fixed scale across datasets (qpm.md §1.2)."""
+        """1000 / (m C): keeps the A term at a fixed scale across datasets (as in QPM; docs/method.md#qp)."""
         return 1000.0 / (self.m * self.n_classes)
 
     @cached_property
@@ -77,7 +77,7 @@ def build_problem(A: np.ndarray, R: np.ndarray, *, k: int, m: int, tau: float, w
     """Collect the penalised pairs {i < j : R[i, j] >= tau, R[i, j] > 0} of the upper triangle of R.
 
     R is read on its upper triangle only, as in the objective's sum over i < j, so the symmetric R of
-    `similarity_R` and the reference's upper-triangular R (qpm.md §2.2) define the same problem. Pairs with R = 0
+    `similarity_R` and the reference's upper-triangular R (docs/method.md#qp) define the same problem. Pairs with R = 0
     cost nothing and are dropped.
     """
     iu, ju = np.triu_indices(A.shape[0], 1)
