@@ -4,9 +4,11 @@ Time budget (cfg.time_limit, seconds, counted from the call): the greedy and the
 always finish; iterated local search runs until 5 % of the budget. Then the LP-Lagrangian bound (`bound`) until
 15 % (all of the budget with the heuristic solver), whose prices start the subset-Lagrangian bound (`subset_bound`,
 the penalty kept exact) until 85 %; every selection it meets is polished by local search. The MILP gets what is left
-if the gap is still open. It is skipped for HiGHS/SCIP when the pruned model would exceed `_MILP_MAX_COLUMNS`
-columns (ImageNet size: its root LP alone does not finish in minutes on 2 cores); iterated local search then uses the
-rest of the time. Each stage stops early once the answer is proven within cfg.mip_gap.
+if the gap is still open. On small instances (F C <= 40k, no pruning) the MILP runs first, until 60 %, and the
+subset bound after it. The MILP is skipped for HiGHS/SCIP when the pruned model would exceed `_MILP_MAX_COLUMNS`
+columns (ImageNet size: its root LP alone does not finish in minutes on 2 cores) or when less than 10 s are left;
+iterated local search then uses the rest of the time. Each stage stops early once the answer is proven within
+cfg.mip_gap.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from toolkit.qp.backends import Backend, resolve_backend
 from toolkit.qp.bound import dual_bound
 from toolkit.qp.certificate import ZERO_GAP, Selection, verify, weight_matrix
 from toolkit.qp.heuristic import Candidate, finish, iterated_local_search, local_search, run_heuristic
-from toolkit.qp.milp import candidate_lists, solve_milp
+from toolkit.qp.milp import _FULL_ENTRIES, candidate_lists, solve_milp
 from toolkit.qp.problem import Problem, build_problem, input_sha256
 from toolkit.qp.subset_bound import subset_bound
 from toolkit.qp.threshold import choose_tau
@@ -31,6 +33,8 @@ from toolkit.qp_inputs import similarity_R
 _ILS_SHARE = 0.05  # of the time budget: iterated local search (rarely gains on these instances, see the results)
 _BOUND_SHARE = 0.15  # the LP-Lagrangian bound before the subset bound (its prices start it and prune the MILP)
 _SUBSET_SHARE = 0.85  # the subset-Lagrangian bound runs until this share of the budget
+_ILS_END_SHARE = 0.95  # the subset bound's end when no MILP follows (iterated local search gets the rest)
+_SMALL_MILP_SHARE = 0.6  # small instances (no pruning needed) run the MILP first, until this share
 _MIN_MILP_SECONDS = 10.0  # a MILP round with less time than this proves nothing at CUB size; ILS gets the time
 _MILP_MAX_COLUMNS = 120_000  # x + y columns above which HiGHS/SCIP are not tried (Gurobi always is)
 _BOUND_SLACK = 1e-5  # a bound below the objective by more than this (relative) means a bug, not rounding
@@ -102,61 +106,88 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     t1 = time.perf_counter()
     dual = dual_bound(problem, t0 + (budget if backend is None else _BOUND_SHARE * budget),
                       target=best.value + cfg.mip_gap * abs(best.value))
-    bound, bound_source = dual.value, "lagrangian-lp"
+    bound = dual.value
     # The Lagrangian's own selection (top-k scores) is a further start for the local search.
     top_k = np.sort(np.argsort(-dual.g)[:k])
     best = _better(best, _polish(problem, top_k, "lp-bound", t0 + budget))
     t_bound = time.perf_counter() - t1
     say(f"qp: LP-Lagrangian bound {bound:.6f}, gap {rel_gap(best.value, bound):.3%} ({t_bound:.1f}s)")
 
+    state = {"best": best, "bound": bound, "bound_source": "lagrangian-lp"}
     sub_info: dict[str, float | int] = {}
-    if backend is not None and not proven(best.value, bound) and len(problem.pw):
+    milp_info: dict[str, float | int | bool | str] = {}
+    rounds = 0
+
+    def open_gap() -> bool:
+        return backend is not None and not proven(state["best"].value, state["bound"])
+
+    def run_subset(deadline: float) -> None:
+        if not open_gap() or not len(problem.pw) or time.perf_counter() >= deadline:
+            return
         t1 = time.perf_counter()
-        box = {"best": best}
 
         def on_selection(sel: np.ndarray) -> float:
             # Each inner optimum is a good selection: polish it (a few seconds at most) and keep the best answer.
-            box["best"] = _better(box["best"], _polish(problem, sel, "subset-bound",
-                                                       min(t0 + budget, time.perf_counter() + 5.0)))
-            return box["best"].value
+            state["best"] = _better(state["best"], _polish(problem, sel, "subset-bound",
+                                                           min(t0 + budget, time.perf_counter() + 5.0)))
+            return state["best"].value
 
-        sub = subset_bound(problem, dual.u, t0 + _SUBSET_SHARE * budget, incumbent=best.value,
-                           target=best.value * (1 + cfg.mip_gap), start=best.selected, on_selection=on_selection)
-        best = box["best"]
-        if sub.value < bound:
-            bound, bound_source = sub.value, "lagrangian-subset"
-        sub_info = {"subset_bound": sub.value, "subset_iterations": sub.iterations,
-                    "subset_seconds": time.perf_counter() - t1, "subset_inner_seconds": sub.inner_seconds}
-        say(f"qp: subset-Lagrangian bound {sub.value:.6f} ({sub.iterations} inner solves), answer {best.value:.6f}, "
-            f"gap {rel_gap(best.value, bound):.3%} ({time.perf_counter() - t1:.1f}s)")
+        inc = state["best"]
+        sub = subset_bound(problem, dual.u, deadline, incumbent=inc.value, target=inc.value * (1 + cfg.mip_gap),
+                           start=inc.selected, on_selection=on_selection)
+        if sub.value < state["bound"]:
+            state["bound"], state["bound_source"] = sub.value, "lagrangian-subset"
+        sub_info.update({"subset_bound": sub.value, "subset_iterations": sub.iterations,
+                         "subset_seconds": time.perf_counter() - t1, "subset_inner_seconds": sub.inner_seconds})
+        say(f"qp: subset-Lagrangian bound {sub.value:.6f} ({sub.iterations} inner solves), answer "
+            f"{state['best'].value:.6f}, gap {rel_gap(state['best'].value, state['bound']):.3%} "
+            f"({time.perf_counter() - t1:.1f}s)")
 
-    milp_info: dict[str, float | int | bool | str] = {}
-    rounds = 0
-    left = t0 + budget - time.perf_counter()
-    if backend is not None and not proven(best.value, bound):
-        lists = candidate_lists(problem, dual.u, best)
+    def run_milp(deadline: float) -> None:
+        nonlocal rounds
+        if not open_gap():
+            return
+        assert backend is not None
+        left = deadline - time.perf_counter()
+        lists = candidate_lists(problem, dual.u, state["best"])
         columns = sum(len(t) for t in lists) + len(problem.pw)
         if backend.name != "gurobi" and (columns > _MILP_MAX_COLUMNS or left < _MIN_MILP_SECONDS):
             # Measured (benchmarks/qp_results.md): open-source simplex does not finish the root LP of a model this
             # size within minutes on 2 cores, so the time goes to the answer instead.
             why = f"{columns} columns" if columns > _MILP_MAX_COLUMNS else f"{left:.1f}s left"
-            say(f"qp: MILP skipped ({why}); iterated local search uses the remaining time")
-            milp_info = {"milp_skipped": why}
-            best = iterated_local_search(problem, best, t0 + budget, rng=np.random.default_rng(1),
-                                         max_kicks=10**6, patience=10**6)
-        else:
-            t1 = time.perf_counter()
-            res = solve_milp(problem, best, backend, lists=lists, deadline=t0 + budget, mip_gap=cfg.mip_gap,
-                             log=say)
-            rounds = res.rounds
-            if res.bound < bound:
-                bound, bound_source = res.bound, f"milp-{backend.name}"
-            if res.best is not None:
-                best = _better(best, res.best)
-                if "repair" in res.best.source:  # a repaired MILP selection may sit next to a better one
-                    best = _better(best, _polish(problem, res.best.selected, res.best.source, t0 + budget))
-            milp_info = {"milp_bound": res.bound, "milp_solves": res.solves, "milp_finished": res.finished,
-                         "milp_seconds": time.perf_counter() - t1}
+            say(f"qp: MILP skipped ({why})")
+            milp_info["milp_skipped"] = why
+            return
+        t1 = time.perf_counter()
+        res = solve_milp(problem, state["best"], backend, lists=lists, deadline=deadline, mip_gap=cfg.mip_gap,
+                         log=say)
+        rounds = res.rounds
+        if res.bound < state["bound"]:
+            state["bound"], state["bound_source"] = res.bound, f"milp-{backend.name}"
+        if res.best is not None:
+            state["best"] = _better(state["best"], res.best)
+            if "repair" in res.best.source:  # a repaired MILP selection may sit next to a better one
+                state["best"] = _better(state["best"], _polish(problem, res.best.selected, res.best.source,
+                                                               t0 + budget))
+        milp_info.update({"milp_bound": res.bound, "milp_solves": res.solves, "milp_finished": res.finished,
+                          "milp_seconds": time.perf_counter() - t1})
+
+    if problem.n_features * problem.n_classes <= _FULL_ENTRIES:
+        # Small instance: the exact MILP (unpruned, link included) usually closes the gap in seconds.
+        run_milp(t0 + _SMALL_MILP_SHARE * budget)
+        run_subset(t0 + _SUBSET_SHARE * budget)
+    else:
+        lists = candidate_lists(problem, dual.u, best)
+        too_big = (backend is not None and backend.name != "gurobi"
+                   and sum(len(t) for t in lists) + len(problem.pw) > _MILP_MAX_COLUMNS)
+        # When the MILP cannot run anyway, the subset bound keeps the time a MILP would have had.
+        run_subset(t0 + (_ILS_END_SHARE if too_big else _SUBSET_SHARE) * budget)
+        run_milp(t0 + budget)
+    best, bound, bound_source = state["best"], state["bound"], state["bound_source"]
+    if open_gap() and time.perf_counter() < t0 + budget:
+        say("qp: iterated local search uses the remaining time")
+        best = iterated_local_search(problem, best, t0 + budget, rng=np.random.default_rng(1), max_kicks=10**6,
+                                     patience=10**6)
 
     value = verify(problem, best.selected, best.assignment, best.value)
     if bound < value - _BOUND_SLACK * max(abs(value), 1.0):

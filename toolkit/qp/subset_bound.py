@@ -2,15 +2,16 @@
 
 The LP of the penalty (y_ij >= s_i + s_j - 1) vanishes at fractional s, so every LP-based bound (`bound.py`, the
 MILP's root) spreads s over many features and pays almost no penalty (docs/method.md#qp). Here only the class rows
-sum_f X[f, c] = m are dualised with prices u; what is left is, for EVERY u in R^C,
+sum_f X[f, c] = m (prices u) and the unused-feature links s_f <= sum_c X[f, c] (prices lam >= 0) are dualised; what
+is left is, for EVERY u in R^C and lam in R^F_+,
 
-    L(u)     = m * sum_c u_c + max_{|S| = k} ( g(S) - penalty(S) ),
-    g_f(u)   = sum_c max(alpha A[f, c] - u_c, 0),
+    L(u, lam)   = m * sum_c u_c + max_{|S| = k} ( g(S) - penalty(S) ),
+    g_f(u, lam) = sum_c max(alpha A[f, c] - u_c + lam_f, 0) - lam_f,
 
-an upper bound on the full problem (weak duality; distinctness and the unused-feature link are dropped, which only
-removes constraints). The inner problem is a k-subset problem with the exact pairwise penalty: F binaries and one
-linearised pair row per penalised pair, no (F C) block, so HiGHS solves it by branch and bound in about a second at
-CUB size. Its Lagrangian dual is as strong as the penalty convexified over k-subsets, not over the unit box.
+an upper bound on the full problem (weak duality; distinctness is dropped, which only removes constraints). The
+inner problem is a k-subset problem with the exact pairwise penalty: F binaries and one linearised pair row per
+penalised pair, no (F C) block, so HiGHS solves it by branch and bound in about a second at CUB size. Its Lagrangian
+dual is as strong as the penalty convexified over k-subsets, not over the unit box.
 
 We certify HiGHS's proven upper bound of the inner problem (valid also when it stops at its time limit), never its
 incumbent, and lower L by Polyak subgradient steps on u from the LP-optimal prices of `bound.dual_bound`. The inner
@@ -41,6 +42,7 @@ class SubsetBound:
 
     value: float  # valid upper bound on the full problem (inf if no inner solve finished its root)
     u: np.ndarray  # (C,) class prices of the best bound
+    lam: np.ndarray  # (F,) link prices (>= 0) of the best bound
     iterations: int
     inner_seconds: float  # total time in HiGHS
 
@@ -124,25 +126,27 @@ def subset_bound(problem: Problem, u0: np.ndarray, deadline: float, *, incumbent
             (e.g. after a local search from that selection), which sharpens the step size.
 
     Returns:
-        The smallest L(u) proven, with its prices.
+        The smallest L(u, lam) proven, with its prices.
     """
     p = problem
     aa = p.alpha * p.A
     inner = _Inner(p)
     u = np.asarray(u0, dtype=np.float64).copy()
-    best, best_u = float("inf"), u.copy()
+    lam_f = np.zeros(p.n_features)
+    best, best_u, best_lam = float("inf"), u.copy(), lam_f.copy()
     lam, stall, it, spent = 1.0, 0, 0, 0.0
     seen: set[bytes] = set()
     sel = None if start is None else np.sort(np.asarray(start, dtype=np.int64))
     while it < max_iterations and time.perf_counter() < deadline and best > target and lam > _MIN_STEP:
-        g = np.maximum(aa - u, 0.0).sum(1)
+        over = aa - u + lam_f[:, None]  # (F, C)
+        g = np.maximum(over, 0.0).sum(1) - lam_f
         t = time.perf_counter()
         ub, found = inner.solve(g, sel, min(_INNER_SECONDS, deadline - t))
         spent += time.perf_counter() - t
         it += 1
         value = p.m * float(u.sum()) + ub + _SAFETY * (abs(ub) + 1.0)
         if value < best:
-            best, best_u, stall = value, u.copy(), 0
+            best, best_u, best_lam, stall = value, u.copy(), lam_f.copy(), 0
         else:
             stall += 1
             if stall >= _STALL:
@@ -154,10 +158,17 @@ def subset_bound(problem: Problem, u0: np.ndarray, deadline: float, *, incumbent
         if on_selection is not None and key not in seen:
             seen.add(key)
             incumbent = max(incumbent, on_selection(sel))
-        # Subgradient of L at u: m minus how many selected features beat each class's price.
-        sg = p.m - (aa[sel] > u).sum(0)
-        norm = float((sg.astype(np.float64) ** 2).sum())
+        # Subgradients of L: for u_c, m minus how many selected features beat the class's price; for lam_f
+        # (selected f only), how many classes would take f minus 1 (projected onto lam >= 0).
+        hit = over[sel] > 0  # (k, C)
+        sg_u = (p.m - hit.sum(0)).astype(np.float64)
+        sg_l = np.zeros(p.n_features)
+        sg_l[sel] = hit.sum(1) - 1.0
+        sg_l[(lam_f <= 0) & (sg_l > 0)] = 0.0  # lam cannot go below 0
+        norm = float((sg_u**2).sum() + (sg_l**2).sum())
         if norm == 0.0:
-            break  # every class row holds with equality: L(u) is the optimum of the relaxation
-        u = u - lam * max(value - incumbent, 0.0) / norm * sg
-    return SubsetBound(value=best, u=best_u, iterations=it, inner_seconds=spent)
+            break  # every dualised row holds with equality: L is the optimum of the relaxation
+        step = lam * max(value - incumbent, 0.0) / norm
+        u = u - step * sg_u
+        lam_f = np.maximum(lam_f - step * sg_l, 0.0)
+    return SubsetBound(value=best, u=best_u, lam=best_lam, iterations=it, inner_seconds=spent)
