@@ -101,7 +101,7 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     say(f"qp: heuristic {best.value:.6f} ({t_heur:.1f}s)")
 
     def proven(value: float, ub: float) -> bool:
-        return rel_gap(value, ub) <= cfg.mip_gap
+        return rel_gap(value, ub) <= max(cfg.mip_gap, ZERO_GAP)  # a zero target means "up to solver tolerance"
 
     t1 = time.perf_counter()
     dual = dual_bound(problem, t0 + (budget if backend is None else _BOUND_SHARE * budget),
