@@ -4,7 +4,9 @@
         [--redundancy-weight W] [--time-limit S] [--solver auto|highs|scip|gurobi|heuristic] --out Y.json
 
 X.npz holds `A` (F, C) and optionally `R` (F, F) (cosine of A's rows when absent). Y.json holds selected,
-assignment, objective, bound, gap, status, seconds, solver, solver_version, tau, lazy_rounds and input_sha256.
+assignment, objective, bound, gap, status, seconds, solver, solver_version, tau, lazy_rounds, input_sha256 and stats
+(answer_source and bound_source: which component produced each). status: optimal (gap zero), within_gap (gap at
+most --mip-gap), time_limit (stopped above it), heuristic (--solver heuristic, gap above --mip-gap).
 
 Exit codes: 0 solved; 2 bad arguments or inputs (the message names the problem and the fix), or --out exists
 without --force; 3 the requested solver is unavailable; 4 an answer failed verification (a bug, please report).
