@@ -10,8 +10,9 @@ pipeline (toolkit.qp_inputs).
 Redundancy thresholds ("rules"):
 * "clique": tau = None, the toolkit default (the lowest tau at which k pairwise-compatible features exist), which
   penalises ~10 % of all pairs on these instances;
-* "dino": twice that tau, which is what the DINO-QPM code effectively penalises (it finds tau on R + R^T but
-  compares R; docs/method.md, differences from the reference code);
+* "reference": qp.redundancy_rule = "reference", as the DINO-QPM code: twice the clique tau (it finds tau on R + R^T
+  but compares R; docs/method.md, differences from the reference code), penalty min-max rescaled over R's nonzeros;
+* "dino": the same tau with the toolkit's penalty w R;
 * "q99": tau = the 99th percentile of R (~1 % of pairs), the setting of the prototype benchmark;
 * "q95", "q85": fixed thresholds passed as numbers, penalising 5 % and 15 % of the pairs.
 
@@ -40,7 +41,7 @@ from toolkit.config import QPConfig  # noqa: E402
 from toolkit.qp import choose_tau, solve_qp  # noqa: E402
 from toolkit.qp_inputs import correlation_A, load_inputs, similarity_R  # noqa: E402
 
-RULES = ("clique", "dino", "q99", "q95", "q85")
+RULES = ("clique", "reference", "dino", "q99", "q95", "q85")
 
 SIZES = {"cub": (512, 200), "imagenet": (2048, 1000)}  # (F, C); k = 50, m = 5 for both
 
@@ -69,8 +70,8 @@ def instance(size: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tau_for(rule: str, R: np.ndarray, k: int) -> float | None:
-    """The threshold of a rule (None: the toolkit's default clique rule, found inside solve_qp)."""
-    if rule == "clique":
+    """The threshold of a rule (None: found inside solve_qp by qp.redundancy_rule)."""
+    if rule in ("clique", "reference"):
         return None
     if rule == "dino":
         return 2.0 * choose_tau(R, k).tau
@@ -80,7 +81,8 @@ def tau_for(rule: str, R: np.ndarray, k: int) -> float | None:
 
 def run(name: str, A: np.ndarray, R: np.ndarray, rule: str, time_limit: float, method: str) -> dict:
     tau = tau_for(rule, R, 50)
-    cfg = QPConfig(n_features=50, n_per_class=5, redundancy_threshold=tau, solver=method, time_limit=time_limit)
+    cfg = QPConfig(n_features=50, n_per_class=5, redundancy_threshold=tau, solver=method, time_limit=time_limit,
+                   redundancy_rule="reference" if rule == "reference" else "clique")
     sel = solve_qp(A, R, cfg, log=lambda line: print(f"  [{time.strftime('%X')}] {line}", flush=True))
     used = len({f for fs in sel.assignment for f in fs})
     r = {"instance": name, "F": A.shape[0], "C": A.shape[1], "rule": rule, "tau": sel.tau,

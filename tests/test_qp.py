@@ -68,11 +68,11 @@ def _best_covering(gain: np.ndarray, subsets: list[tuple[int, ...]], sel: tuple[
 
 
 def _brute_force(A: np.ndarray, R: np.ndarray, k: int, m: int, tau: float, w: float,
-                 link: bool = True) -> tuple[float, bool]:
+                 link: bool = True, rescale: bool = False) -> tuple[float, bool]:
     """Exact optimum by enumerating every selection; for each, the best distinct assignment is an assignment
     problem between classes and all m-subsets of the selection, and, when that leaves a selected feature unused
     (and `link`), an ILP that also covers every feature. Also says whether distinctness binds."""
-    p = build_problem(A, R, k=k, m=m, tau=tau, w=w)
+    p = build_problem(A, R, k=k, m=m, tau=tau, w=w, rescale=rescale)
     best, best_free = -math.inf, -math.inf
     for sel in itertools.combinations(range(A.shape[0]), k):
         subsets = list(itertools.combinations(sel, m))
@@ -138,6 +138,22 @@ def test_unused_feature_link_changes_the_optimum_and_milp_matches_brute_force(se
         assert sel.objective <= linked + 1e-9 <= sel.bound + 1e-6
         if solver == "highs":
             assert sel.objective == pytest.approx(linked, rel=1e-6) and sel.status == "optimal"
+
+
+@pytest.mark.solver
+def test_reference_rule_doubles_tau_rescales_the_penalty_and_matches_brute_force() -> None:
+    A = _instance(3, twins=True)
+    R = similarity_R(A)
+    sel = solve_qp(A, R, _cfg(redundancy_rule="reference"))
+    assert sel.tau == pytest.approx(2 * choose_tau(R, K).tau)
+    p = build_problem(A, R, k=K, m=M, tau=sel.tau, w=1.0, rescale=True)
+    r = R[np.triu_indices(F, 1)]
+    lo, hi = r[r > 0].min(), r.max()
+    np.testing.assert_allclose(p.pw, (R[p.pi, p.pj] - lo) / (hi - lo))  # min-max over R's nonzeros
+    exact, _ = _brute_force(A, R, K, M, sel.tau, 1.0, rescale=True)
+    assert sel.objective == pytest.approx(exact, rel=1e-6) and sel.status == "optimal"
+    with pytest.raises(QPInputError, match="redundancy_rule"):
+        solve_qp(A, R, _cfg(redundancy_rule="turan"))
 
 
 def test_distinct_assignment_covers_every_selected_feature() -> None:

@@ -156,6 +156,9 @@ class QPConfig:
     n_per_class: int = 5  # m: features per class
     redundancy_threshold: float | None = None  # tau; None = lowest tau with k pairwise-compatible features
     redundancy_weight: float = 1.0  # w: weight of the R penalty on selected pairs above tau
+    # clique: tau found and applied on R, penalty w R; reference: as the DINO-QPM code (tau found on R + R^T, compared
+    # with R, penalty min-max rescaled over R's nonzeros). Only used when redundancy_threshold is None.
+    redundancy_rule: Literal["clique", "reference"] = "clique"
     solver: Literal["auto", "highs", "scip", "gurobi", "heuristic"] = "auto"
     time_limit: float = 60.0  # seconds for the whole solve: heuristic search, bound and MILP
     mip_gap: float = 0.005  # relative gap at which the MILP stops (the reference's MIPGap)

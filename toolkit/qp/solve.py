@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from toolkit.config import QPConfig
-from toolkit.qp._checks import QPVerificationError, check_inputs, check_solver_name, rel_gap
+from toolkit.qp._checks import QPInputError, QPVerificationError, check_inputs, check_solver_name, rel_gap
 from toolkit.qp.backends import Backend, resolve_backend
 from toolkit.qp.bound import dual_bound
 from toolkit.qp.certificate import ZERO_GAP, Selection, verify, weight_matrix
@@ -27,7 +27,7 @@ from toolkit.qp.heuristic import Candidate, finish, iterated_local_search, local
 from toolkit.qp.milp import _FULL_ENTRIES, candidate_lists, solve_milp
 from toolkit.qp.problem import Problem, build_problem, input_sha256
 from toolkit.qp.subset_bound import subset_bound
-from toolkit.qp.threshold import choose_tau
+from toolkit.qp.threshold import choose_tau, reference_tau
 from toolkit.qp_inputs import similarity_R
 
 _ILS_SHARE = 0.05  # of the time budget: iterated local search (rarely gains on these instances, see the results)
@@ -66,7 +66,9 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     Args:
         A: (F, C) feature-class correlation (max|A| = 1; see toolkit.qp_inputs.correlation_A).
         R: (F, F) feature similarity, read on its upper triangle; None = cosine of A's rows (similarity_R).
-        cfg: k, m, tau (None = clique rule), redundancy weight, solver, time limit and gap.
+        cfg: k, m, tau (None = found by cfg.redundancy_rule), redundancy weight and rule, solver, time limit, gap.
+            With redundancy_rule "reference" the penalty is also min-max rescaled (as in the reference code), also
+            for a fixed tau.
         log: progress lines (e.g. a console's log); silent if None.
 
     Returns:
@@ -84,13 +86,17 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     r = similarity_R(a) if r is None else r
     k, m = cfg.n_features, cfg.n_per_class
     starts: list[np.ndarray] = []
+    rule = getattr(cfg, "redundancy_rule", "clique")
+    if rule not in ("clique", "reference"):
+        raise QPInputError(f"qp.redundancy_rule must be 'clique' or 'reference', got {rule!r}")
     if cfg.redundancy_threshold is None:
-        th = choose_tau(r, k)
+        th = choose_tau(r, k) if rule == "clique" else reference_tau(r, k)
         tau, starts = th.tau, [th.compatible]
-        say(f"qp: tau = {tau:.6g} (lowest threshold with {k} pairwise-compatible features, {th.probes} probes)")
+        say(f"qp: tau = {tau:.6g} ({rule} rule: {'2 x ' if rule == 'reference' else ''}lowest threshold with {k} "
+            f"pairwise-compatible features, {th.probes} probes)")
     else:
         tau = float(cfg.redundancy_threshold)
-    problem = build_problem(a, r, k=k, m=m, tau=tau, w=cfg.redundancy_weight)
+    problem = build_problem(a, r, k=k, m=m, tau=tau, w=cfg.redundancy_weight, rescale=rule == "reference")
     budget = cfg.time_limit
     say(f"qp: F={problem.n_features} C={problem.n_classes} k={k} m={m}, {len(problem.pw)} penalised pairs")
 

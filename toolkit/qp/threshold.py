@@ -83,6 +83,14 @@ def _largest_compatible(rs: np.ndarray, tau: float, k: int) -> np.ndarray:
     return best
 
 
+def reference_tau(R: np.ndarray, k: int) -> Threshold:
+    """The DINO-QPM code's effective threshold: the clique search runs on R + R^T (= 2 R for a symmetric R) but the
+    penalised pairs are then found by comparing R with it, so tau = 2 x the clique threshold of R. The compatible set
+    of the clique rule stays pairwise below it (zero penalty)."""
+    th = choose_tau(R, k)
+    return Threshold(tau=2.0 * th.tau, compatible=th.compatible, probes=th.probes)
+
+
 def choose_tau(R: np.ndarray, k: int) -> Threshold:
     """Lowest tau (on the grid of R's distinct upper-triangle values) at which the greedy finds k compatible features.
 
