@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,6 +58,23 @@ def _status(gap: float, mip_gap: float, exact: bool) -> str:
 
 def _better(a: Candidate, b: Candidate) -> Candidate:
     return b if b.value > a.value else a
+
+
+@dataclass
+class _Progress:
+    """The best answer and the smallest valid bound so far, with the component that produced the bound."""
+
+    best: Candidate
+    bound: float
+    bound_source: str
+
+    def offer(self, cand: Candidate) -> float:
+        self.best = _better(self.best, cand)
+        return self.best.value
+
+    def offer_bound(self, value: float, source: str) -> None:
+        if value < self.bound:
+            self.bound, self.bound_source = value, source
 
 
 def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
@@ -119,13 +137,13 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     t_bound = time.perf_counter() - t1
     say(f"qp: LP-Lagrangian bound {bound:.6f}, gap {rel_gap(best.value, bound):.3%} ({t_bound:.1f}s)")
 
-    state = {"best": best, "bound": bound, "bound_source": "lagrangian-lp"}
+    state = _Progress(best=best, bound=bound, bound_source="lagrangian-lp")
     sub_info: dict[str, float | int] = {}
     milp_info: dict[str, float | int | bool | str] = {}
     rounds = 0
 
     def open_gap() -> bool:
-        return backend is not None and not proven(state["best"].value, state["bound"])
+        return backend is not None and not proven(state.best.value, state.bound)
 
     def run_subset(deadline: float) -> None:
         if not open_gap() or not len(problem.pw) or time.perf_counter() >= deadline:
@@ -134,19 +152,16 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
 
         def on_selection(sel: np.ndarray) -> float:
             # Each inner optimum is a good selection: polish it (a few seconds at most) and keep the best answer.
-            state["best"] = _better(state["best"], _polish(problem, sel, "subset-bound",
-                                                           min(t0 + budget, time.perf_counter() + 5.0)))
-            return state["best"].value
+            return state.offer(_polish(problem, sel, "subset-bound", min(t0 + budget, time.perf_counter() + 5.0)))
 
-        inc = state["best"]
+        inc = state.best
         sub = subset_bound(problem, dual.u, deadline, incumbent=inc.value, target=inc.value * (1 + cfg.mip_gap),
                            start=inc.selected, on_selection=on_selection)
-        if sub.value < state["bound"]:
-            state["bound"], state["bound_source"] = sub.value, "lagrangian-subset"
+        state.offer_bound(sub.value, "lagrangian-subset")
         sub_info.update({"subset_bound": sub.value, "subset_iterations": sub.iterations,
                          "subset_seconds": time.perf_counter() - t1, "subset_inner_seconds": sub.inner_seconds})
         say(f"qp: subset-Lagrangian bound {sub.value:.6f} ({sub.iterations} inner solves), answer "
-            f"{state['best'].value:.6f}, gap {rel_gap(state['best'].value, state['bound']):.3%} "
+            f"{state.best.value:.6f}, gap {rel_gap(state.best.value, state.bound):.3%} "
             f"({time.perf_counter() - t1:.1f}s)")
 
     def run_milp(deadline: float) -> None:
@@ -155,7 +170,7 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
             return
         assert backend is not None
         left = deadline - time.perf_counter()
-        lists = candidate_lists(problem, dual.u, state["best"])
+        lists = candidate_lists(problem, dual.u, state.best)
         columns = sum(len(t) for t in lists) + len(problem.pw)
         if backend.name != "gurobi" and (columns > _MILP_MAX_COLUMNS or left < _MIN_MILP_SECONDS):
             # Measured (benchmarks/qp_results.md): open-source simplex does not finish the root LP of a model this
@@ -165,16 +180,14 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
             milp_info["milp_skipped"] = why
             return
         t1 = time.perf_counter()
-        res = solve_milp(problem, state["best"], backend, lists=lists, deadline=deadline, mip_gap=cfg.mip_gap,
+        res = solve_milp(problem, state.best, backend, lists=lists, deadline=deadline, mip_gap=cfg.mip_gap,
                          log=say)
         rounds = res.rounds
-        if res.bound < state["bound"]:
-            state["bound"], state["bound_source"] = res.bound, f"milp-{backend.name}"
+        state.offer_bound(res.bound, f"milp-{backend.name}")
         if res.best is not None:
-            state["best"] = _better(state["best"], res.best)
+            state.offer(res.best)
             if "repair" in res.best.source:  # a repaired MILP selection may sit next to a better one
-                state["best"] = _better(state["best"], _polish(problem, res.best.selected, res.best.source,
-                                                               t0 + budget))
+                state.offer(_polish(problem, res.best.selected, res.best.source, t0 + budget))
         milp_info.update({"milp_bound": res.bound, "milp_solves": res.solves, "milp_finished": res.finished,
                           "milp_seconds": time.perf_counter() - t1})
 
@@ -189,7 +202,7 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
         # When the MILP cannot run anyway, the subset bound keeps the time a MILP would have had.
         run_subset(t0 + (_ILS_END_SHARE if too_big else _SUBSET_SHARE) * budget)
         run_milp(t0 + budget)
-    best, bound, bound_source = state["best"], state["bound"], state["bound_source"]
+    best, bound, bound_source = state.best, state.bound, state.bound_source
     if open_gap() and time.perf_counter() < t0 + budget:
         say("qp: iterated local search uses the remaining time")
         best = iterated_local_search(problem, best, t0 + budget, rng=np.random.default_rng(1), max_kicks=10**6,
