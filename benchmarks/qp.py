@@ -1,40 +1,44 @@
-"""Benchmark of the QPM selection (toolkit.qp) on simulated CUB-size and ImageNet-size instances.
+"""Benchmark of the QPM selection (toolkit.qp) on simulated CUB-size and ImageNet-size instances, or on A and R from
+a real run (`--inputs`).
 
-Instances follow qpbench.md ("Instances"): 30 images per class; a 64-d latent space with C/10 superclasses (class
-prototype 0.8 * superclass centre + 0.6 * noise, per-image noise 0.9); pooled non-negative features
-ReLU(W z + 0.5 eps - 0.4) whose rows W come from F/8 shared feature families (0.75 family + 0.66 own), so groups
-of features are redundant; about 60 % of activations are 0. A and R are then computed exactly as in the pipeline
-(toolkit.qp.inputs).
+Instances follow the prototype benchmark's recipe (docs/method.md#qp): 30 images per class; a 64-d latent space with
+C/10 superclasses (class prototype 0.8 * superclass centre + 0.6 * noise, per-image noise 0.9); pooled non-negative
+features ReLU(W z + 0.5 eps - 0.4) whose rows W come from F/8 shared feature families (0.75 family + 0.66 own), so
+groups of features are redundant; about 60 % of activations are 0. A and R are then computed exactly as in the
+pipeline (toolkit.qp.inputs).
 
-Three redundancy thresholds:
-* "reference": tau = None, the clique rule the toolkit uses by default (qpm.md §3.3), which penalises ~10 % of
-  all pairs on these instances;
-* "dino": twice that tau, which is what the DINO-QPM code effectively penalises (it finds tau on R + R^T but
-  compares R, dino_qpm.md §3.4);
-* "q99": tau = the 99th percentile of R, the setting of the qpbench.md prototype (~1 % of pairs).
+Redundancy thresholds ("rules"):
+* "clique": tau = None, the toolkit default (the lowest tau at which k pairwise-compatible features exist), which
+  penalises ~10 % of all pairs on these instances;
+* "reference": qp.redundancy_rule = "reference", as the DINO-QPM code: twice the clique tau (it finds tau on R + R^T
+  but compares R; docs/method.md, differences from the reference code), penalty min-max rescaled over R's nonzeros;
+* "dino": the same tau with the toolkit's penalty w R;
+* "q99": tau = the 99th percentile of R (~1 % of pairs), the setting of the prototype benchmark;
+* "q95", "q85": fixed thresholds passed as numbers, penalising 5 % and 15 % of the pairs.
 
-For each, the heuristic (solver="heuristic": greedy + local search + distinct assignment, certified by the
-Lagrangian bound) and the full pipeline with the MILP (solver="highs") print objective, bound, gap and seconds.
+Each row is one `solve_qp` call and prints objective, bound, gap, seconds, penalised pairs and which component
+produced the bound and the answer. The default run is every rule at CUB size (60 s each) plus one ImageNet-size row
+(q99, 600 s):
 
-    python benchmarks/qp.py                       # CUB size, all three thresholds, 60 s limit
-    python benchmarks/qp.py --sizes imagenet --time-limit 600
+    python benchmarks/qp.py
+    python benchmarks/qp.py --sizes cub --rules clique q85            # a subset
+    python benchmarks/qp.py --inputs run/qp_inputs.npz --rules clique q99 --time-limit 60
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from toolkit.config import QPConfig
+from toolkit.qp import choose_tau, solve_qp
+from toolkit.qp.inputs import correlation_A, load_inputs, similarity_R
 
-from toolkit.config import QPConfig  # noqa: E402
-from toolkit.qp import choose_tau, solve_qp  # noqa: E402
-from toolkit.qp.inputs import correlation_A, similarity_R  # noqa: E402
+RULES = ("clique", "reference", "dino", "q99", "q95", "q85")
 
 SIZES = {"cub": (512, 200), "imagenet": (2048, 1000)}  # (F, C); k = 50, m = 5 for both
 
@@ -62,53 +66,73 @@ def instance(size: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return A, similarity_R(A)
 
 
-def run(size: str, rule: str, time_limit: float, seed: int, methods: list[str]) -> list[dict]:
-    t = time.perf_counter()
-    A, R = instance(size, seed)
-    build = time.perf_counter() - t
-    if rule == "reference":
-        tau = None
-    elif rule == "dino":
-        tau = 2.0 * choose_tau(R, 50).tau
-    else:
-        tau = float(np.quantile(R[np.triu_indices(len(R), 1)], 0.99))
-    rows = []
-    for method in methods:
-        cfg = QPConfig(n_features=50, n_per_class=5, redundancy_threshold=tau, solver=method,
-                       time_limit=time_limit)
-        sel = solve_qp(A, R, cfg, log=lambda line: print(f"  [{time.strftime('%X')}] {line}", flush=True))
-        rows.append({"size": size, "F": A.shape[0], "C": A.shape[1], "tau_rule": rule, "tau": sel.tau,
-                     "pairs": sel.stats["n_pairs"], "method": method, "objective": sel.objective, "bound": sel.bound,
-                     "gap_pct": 100 * sel.gap, "seconds": sel.seconds, "status": sel.status,
-                     "lazy_rounds": sel.lazy_rounds, "heuristic_objective": sel.stats["heuristic_objective"],
-                     "heuristic_seconds": sel.stats["heuristic_seconds"],
-                     "lagrangian_bound": sel.stats["lagrangian_bound"], "milp_bound": sel.stats.get("milp_bound"),
-                     "answer_source": sel.stats["answer_source"], "instance_seconds": build})
-        r = rows[-1]
-        print(f"{size:8s} tau={rule:9s} {method:9s} objective {r['objective']:.4f}  bound {r['bound']:.4f}  "
-              f"gap {r['gap_pct']:.3f}%  {r['seconds']:.1f}s  {r['status']}", flush=True)
-    return rows
+def tau_for(rule: str, R: np.ndarray, k: int) -> float | None:
+    """The threshold of a rule (None: found inside solve_qp by qp.redundancy_rule)."""
+    if rule in ("clique", "reference"):
+        return None
+    if rule == "dino":
+        return 2.0 * choose_tau(R, k).tau
+    upper = R[np.triu_indices(len(R), 1)]
+    return float(np.quantile(upper, {"q99": 0.99, "q95": 0.95, "q85": 0.85}[rule]))
+
+
+def run(name: str, A: np.ndarray, R: np.ndarray, rule: str, time_limit: float, method: str) -> dict:
+    tau = tau_for(rule, R, 50)
+    cfg = QPConfig(n_features=50, n_per_class=5, redundancy_threshold=tau, solver=method, time_limit=time_limit,
+                   redundancy_rule="reference" if rule == "reference" else "clique")
+    sel = solve_qp(A, R, cfg, log=lambda line: print(f"  [{time.strftime('%X')}] {line}", flush=True))
+    used = len({f for fs in sel.assignment for f in fs})
+    r = {"instance": name, "F": A.shape[0], "C": A.shape[1], "rule": rule, "tau": sel.tau,
+         "pairs": sel.stats["n_pairs"], "pairs_pct": 100 * sel.stats["pairs_share"], "method": method,
+         "objective": sel.objective, "bound": sel.bound, "gap_pct": 100 * sel.gap, "seconds": sel.seconds,
+         "time_limit": time_limit, "status": sel.status, "bound_source": sel.stats["bound_source"],
+         "answer_source": sel.stats["answer_source"], "features_used": used,
+         "heuristic_objective": sel.stats["heuristic_objective"], "lp_bound": sel.stats["lagrangian_bound"],
+         "subset_bound": sel.stats.get("subset_bound"), "milp_bound": sel.stats.get("milp_bound")}
+    print(f"{name:10s} {rule:7s} {method:9s} objective {r['objective']:.4f}  bound {r['bound']:.4f}  "
+          f"gap {r['gap_pct']:.3f}%  {r['seconds']:.1f}s  {r['status']}  (bound: {r['bound_source']}, "
+          f"answer: {r['answer_source']})", flush=True)
+    return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", nargs="+", default=["cub"], choices=sorted(SIZES))
-    ap.add_argument("--tau", nargs="+", default=["reference", "dino", "q99"], choices=["reference", "dino", "q99"])
-    ap.add_argument("--methods", nargs="+", default=["heuristic", "highs"])
-    ap.add_argument("--time-limit", type=float, default=None, help="seconds (default 60 CUB, 600 ImageNet)")
+    ap.add_argument("--sizes", nargs="*", default=None, choices=sorted(SIZES),
+                    help="simulated sizes (default: every rule at cub, q99 at imagenet)")
+    ap.add_argument("--rules", nargs="+", default=None, choices=RULES)
+    ap.add_argument("--inputs", type=Path, nargs="*", default=[], help=".npz files with A (and R) from real runs")
+    ap.add_argument("--methods", nargs="+", default=["highs"], help="solvers (highs, heuristic, scip, ...)")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds (default 60; 600 at ImageNet size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
-    rows = []
-    for size in args.sizes:
-        limit = args.time_limit or (60.0 if size == "cub" else 600.0)
-        for rule in args.tau:
-            rows += run(size, rule, limit, args.seed, args.methods)
-    print("\n| size | tau rule | tau | penalised pairs | method | objective | bound | gap % | seconds | status |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    jobs: list[tuple[str, str]] = []  # (instance, rule)
+    if args.sizes is None and not args.inputs:
+        jobs = [("cub", rule) for rule in (args.rules or RULES)] + [("imagenet", "q99")]
+    for size in args.sizes or []:
+        jobs += [(size, rule) for rule in (args.rules or RULES)]
+    for path in args.inputs:
+        jobs += [(str(path), rule) for rule in (args.rules or RULES)]
+    rows, cache = [], {}
+    for name, rule in jobs:
+        if name not in cache:
+            if name in SIZES:
+                cache[name] = instance(name, args.seed)
+            else:
+                A, R = load_inputs(Path(name))
+                cache[name] = (A, similarity_R(A) if R is None else R)
+        A, R = cache[name]
+        limit = args.time_limit or (600.0 if name == "imagenet" else 60.0)
+        for method in args.methods:
+            rows.append(run(name, A, R, rule, limit, method))
+    print("\n| instance | rule | tau | pairs (%) | method | objective | bound | gap % | seconds (limit) | status "
+          "| bound from | answer from |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} ({r['F']}x{r['C']}) | {r['tau_rule']} | {r['tau']:.4f} | {r['pairs']} | {r['method']} "
-              f"| {r['objective']:.3f} | {r['bound']:.3f} | {r['gap_pct']:.3f} | {r['seconds']:.1f} | {r['status']} |")
+        print(f"| {r['instance']} ({r['F']}x{r['C']}) | {r['rule']} | {r['tau']:.4f} | {r['pairs']:,} "
+              f"({r['pairs_pct']:.1f}) | {r['method']} | {r['objective']:.3f} | {r['bound']:.3f} | {r['gap_pct']:.3f} "
+              f"| {r['seconds']:.1f} ({r['time_limit']:g}) | {r['status']} | {r['bound_source']} "
+              f"| {r['answer_source']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -33,7 +33,8 @@ from toolkit.qp.backends import resolve_backend
 from toolkit.qp.bound import lagrangian_value
 from toolkit.qp.certificate import verify
 from toolkit.qp.inputs import save_inputs, similarity_R
-from toolkit.qp.problem import duplicate_groups, top_m_assignment
+from toolkit.qp.problem import duplicate_groups, top_m_assignment, unused_features
+from toolkit.qp.subset_bound import subset_bound
 from toolkit.qp.threshold import _largest_compatible, symmetric_upper
 
 F, C, K, M = 10, 5, 5, 2
@@ -49,17 +50,39 @@ def _instance(seed: int, *, twins: bool) -> np.ndarray:
     return A / np.abs(A).max()
 
 
-def _brute_force(A: np.ndarray, R: np.ndarray, k: int, m: int, tau: float, w: float) -> tuple[float, bool]:
+def _best_covering(gain: np.ndarray, subsets: list[tuple[int, ...]], sel: tuple[int, ...]) -> float:
+    """Best distinct assignment that uses every feature of `sel`, by an ILP over (class, subset) pairs (a model
+    unrelated to the solver's: one subset per class, each subset at most once, each feature covered)."""
+    from scipy.optimize import Bounds, LinearConstraint
+    from scipy.optimize import milp as scipy_milp
+
+    n_cls, n_sub = gain.shape
+    one_each = np.kron(np.eye(n_cls), np.ones(n_sub))
+    at_most_once = np.kron(np.ones(n_cls), np.eye(n_sub))
+    covers = np.array([[f in fs for fs in subsets] for f in sel], dtype=float)
+    cover = np.kron(np.ones(n_cls), covers)
+    res = scipy_milp(-gain.ravel(), integrality=np.ones(gain.size), bounds=Bounds(0, 1),
+                     constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(at_most_once, 0, 1),
+                                  LinearConstraint(cover, 1, np.inf)])
+    return -res.fun if res.status == 0 else -math.inf
+
+
+def _brute_force(A: np.ndarray, R: np.ndarray, k: int, m: int, tau: float, w: float,
+                 link: bool = True, rescale: bool = False) -> tuple[float, bool]:
     """Exact optimum by enumerating every selection; for each, the best distinct assignment is an assignment
-    problem between classes and all m-subsets of the selection. Also says whether distinctness binds."""
-    p = build_problem(A, R, k=k, m=m, tau=tau, w=w)
+    problem between classes and all m-subsets of the selection, and, when that leaves a selected feature unused
+    (and `link`), an ILP that also covers every feature. Also says whether distinctness binds."""
+    p = build_problem(A, R, k=k, m=m, tau=tau, w=w, rescale=rescale)
     best, best_free = -math.inf, -math.inf
     for sel in itertools.combinations(range(A.shape[0]), k):
         subsets = list(itertools.combinations(sel, m))
         gain = np.array([[A[list(s), c].sum() for s in subsets] for c in range(A.shape[1])])
         rows, cols = linear_sum_assignment(gain, maximize=True)
         pen = p.penalty(np.array(sel))
-        best = max(best, p.alpha * gain[rows, cols].sum() - pen)
+        value = gain[rows, cols].sum()
+        if link and set(sel) - {f for j in cols for f in subsets[j]}:
+            value = _best_covering(gain, subsets, sel)
+        best = max(best, p.alpha * value - pen)
         best_free = max(best_free, p.alpha * gain.max(1).sum() - pen)
     return best, best_free > best + 1e-9
 
@@ -85,6 +108,93 @@ def test_milp_matches_brute_force(seed: int, twins: bool, tau: float | None, w: 
     check_structure(sel.selected, [tuple(fs) for fs in sel.assignment], k=K, m=M, n_features=F)
     if twins:  # the instance is built so that the distinctness-free optimum collides
         assert binds
+
+
+def _link_instance(seed: int) -> np.ndarray:
+    """3 classes that all prefer features 0-2: without the link two of the five selected features stay unused."""
+    rng = np.random.default_rng(seed)
+    A = rng.uniform(0.0, 0.2, (7, 3))
+    A[:3] += 0.7
+    return A / A.max()
+
+
+@pytest.mark.solver
+@pytest.mark.parametrize("seed", range(3))
+def test_unused_feature_link_changes_the_optimum_and_milp_matches_brute_force(seed: int) -> None:
+    A = _link_instance(seed)
+    R = similarity_R(A)
+    tau = [1.1, 0.999, 0.99][seed]
+    linked, _ = _brute_force(A, R, 5, 2, tau, 1.0)
+    free, _ = _brute_force(A, R, 5, 2, tau, 1.0, link=False)
+    assert free > linked + 1e-3  # the link binds on these instances
+    for solver in ("highs", "heuristic"):
+        # The heuristic's LP bound ignores the link, so its gap stays open and it uses its whole (short) budget.
+        limit = 20.0 if solver == "highs" else 2.0
+        sel = solve_qp(A, R, _cfg(n_features=5, n_per_class=2, redundancy_threshold=tau, solver=solver,
+                                  time_limit=limit))
+        used = {f for fs in sel.assignment for f in fs}
+        assert used == set(sel.selected.tolist())  # export keeps exactly the head's features
+        assert (sel.weight.sum(0) >= 1).all()
+        assert sel.objective <= linked + 1e-9 <= sel.bound + 1e-6
+        if solver == "highs":
+            assert sel.objective == pytest.approx(linked, rel=1e-6) and sel.status == "optimal"
+
+
+@pytest.mark.solver
+def test_reference_rule_doubles_tau_rescales_the_penalty_and_matches_brute_force() -> None:
+    A = _instance(3, twins=True)
+    R = similarity_R(A)
+    sel = solve_qp(A, R, _cfg(redundancy_rule="reference"))
+    assert sel.tau == pytest.approx(2 * choose_tau(R, K).tau)
+    p = build_problem(A, R, k=K, m=M, tau=sel.tau, w=1.0, rescale=True)
+    r = R[np.triu_indices(F, 1)]
+    lo, hi = r[r > 0].min(), r.max()
+    np.testing.assert_allclose(p.pw, (R[p.pi, p.pj] - lo) / (hi - lo))  # min-max over R's nonzeros
+    exact, _ = _brute_force(A, R, K, M, sel.tau, 1.0, rescale=True)
+    assert sel.objective == pytest.approx(exact, rel=1e-6) and sel.status == "optimal"
+    with pytest.raises(QPInputError, match="redundancy_rule"):
+        solve_qp(A, R, type("Cfg", (), {**vars(_cfg()), "redundancy_rule": "turan"})())  # past config validation
+
+
+def test_distinct_assignment_covers_every_selected_feature() -> None:
+    A = _link_instance(0)
+    p = build_problem(A, np.zeros((7, 7)), k=5, m=2, tau=1.0, w=0.0)
+    sel = np.array([0, 1, 2, 5, 6])
+    assert unused_features(sel, top_m_assignment(p, sel))  # plain top-m leaves features 5 and 6 unused
+    res = distinct_assignment(p, sel)
+    assert not unused_features(sel, res.assignment) and not duplicate_groups(res.assignment)
+    assert res.loss == pytest.approx(p.topm_value(sel) - objective(p, sel, res.assignment), rel=1e-9)
+    lazy = [(0, 1), (0, 2), (1, 2)]  # distinct, but features 5 and 6 serve no class
+    with pytest.raises(QPVerificationError, match=r"\[5, 6\] are used by no class"):
+        verify(p, sel, lazy, objective(p, sel, lazy))
+
+
+@pytest.mark.solver
+def test_subset_bound_is_valid_and_no_weaker_than_the_lp_bound() -> None:
+    A = _instance(4, twins=True)
+    R = similarity_R(A)
+    p = build_problem(A, R, k=K, m=M, tau=0.3, w=1.0)
+    exact, _ = _brute_force(A, R, K, M, 0.3, 1.0)
+    rng = np.random.default_rng(1)
+    for _ in range(5):  # any prices give a valid bound, also after a few subgradient steps
+        u = rng.normal(0.3, 0.5, C) * p.alpha
+        sub = subset_bound(p, u, math.inf, incumbent=exact - 1.0, target=-math.inf, max_iterations=15)
+        assert sub.value >= exact - 1e-7 and sub.iterations >= 1
+        # At the same prices the exact penalty can only lower the bound below the LP one (mu = 0 there).
+        one = subset_bound(p, u, math.inf, incumbent=exact, target=-math.inf, max_iterations=1)
+        assert one.iterations == 1 and one.value <= lagrangian_value(
+            p, u, np.zeros(len(p.pw)))[0] + 1e-6
+
+
+@pytest.mark.solver
+def test_status_names_what_was_proven() -> None:
+    A = _instance(1, twins=True)
+    R = similarity_R(A)
+    exact = solve_qp(A, R, _cfg(redundancy_threshold=0.5))
+    assert exact.status == "optimal" and exact.gap <= 1e-6
+    loose = solve_qp(A, R, _cfg(redundancy_threshold=0.5, solver="heuristic", mip_gap=0.9))
+    assert loose.status in ("optimal", "within_gap") and loose.gap <= 0.9
+    assert loose.status == ("optimal" if loose.gap <= 1e-6 else "within_gap")
 
 
 @pytest.mark.solver
@@ -127,6 +237,7 @@ def test_oversized_milp_is_skipped_and_the_bound_continues(monkeypatch: pytest.M
     import toolkit.qp.solve as solve_mod
 
     monkeypatch.setattr(solve_mod, "_MILP_MAX_COLUMNS", 0)
+    monkeypatch.setattr(solve_mod, "_SUBSET_SHARE", 0.0)  # no time for the subset bound: the gap stays open
     A = _instance(6, twins=True)
     R = similarity_R(A)
     lines: list[str] = []
@@ -134,7 +245,7 @@ def test_oversized_milp_is_skipped_and_the_bound_continues(monkeypatch: pytest.M
     exact, _ = _brute_force(A, R, K, M, 0.5, 1.0)
     assert any("MILP skipped" in line for line in lines) and "milp_skipped" in sel.stats
     assert sel.objective <= exact + 1e-9 <= sel.bound + 1e-6
-    assert sel.status in ("optimal", "time_limit") and sel.lazy_rounds == 0
+    assert sel.status in ("optimal", "within_gap", "time_limit") and sel.lazy_rounds == 0
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -145,7 +256,8 @@ def test_heuristic_is_feasible_and_its_bound_is_valid(seed: int) -> None:
     A[:, 1] = A[:, 0]  # identical columns always collide under top-m
     R = similarity_R(A)
     sel = solve_qp(A, R, _cfg(solver="heuristic", time_limit=2.0, redundancy_threshold=0.6))
-    assert sel.status == "heuristic" and sel.solver == "heuristic"
+    assert sel.solver == "heuristic"
+    assert sel.status == ("optimal" if sel.gap <= 1e-6 else "heuristic")  # mip_gap 0: nothing else is proven
     check_structure(sel.selected, [tuple(fs) for fs in sel.assignment], k=K, m=M, n_features=F)
     p = build_problem(A, R, k=K, m=M, tau=0.6, w=1.0)
     assert sel.objective == pytest.approx(objective(p, sel.selected, [tuple(f) for f in sel.assignment]))
@@ -214,6 +326,7 @@ def test_choose_tau_is_the_lowest_threshold_the_greedy_accepts() -> None:
 @pytest.mark.parametrize(("kw", "exc", "words"), [
     ({"n_features": 11}, QPInfeasibleError, "exceeds the F=10"),
     ({"n_features": 3, "n_per_class": 3}, QPInfeasibleError, "binomial(3, 3) = 1"),
+    ({"n_features": 10, "n_per_class": 1}, QPInfeasibleError, "use at most 5 < k=10"),
 ])
 def test_infeasible_settings_raise_before_solving(kw: dict, exc: type, words: str) -> None:
     A = _instance(0, twins=False)
@@ -270,13 +383,14 @@ def test_auto_uses_an_open_source_solver_without_gurobi() -> None:
     assert "cvxpy" in backend.version
 
 
-def test_scip_and_gurobi_errors_say_how_to_fix() -> None:
-    try:
+def test_scip_and_gurobi_errors_say_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a machine without PySCIPOpt (the dev extra installs it, so hide it from cvxpy's solver list).
+    import cvxpy
+
+    installed = [s for s in cvxpy.installed_solvers() if s != "SCIP"]
+    monkeypatch.setattr(cvxpy, "installed_solvers", lambda: installed)
+    with pytest.raises(QPSolverError, match="pyscipopt"):
         resolve_backend("scip")
-    except QPSolverError as exc:
-        assert "pyscipopt" in str(exc)
-    else:
-        pytest.skip("PySCIPOpt is installed")
     with pytest.raises(QPSolverError, match="unknown solver"):
         solve_qp(_instance(0, twins=False), None, type("Cfg", (), {**vars(_cfg()), "solver": "cplex"})())
 
@@ -310,7 +424,8 @@ def test_cli_writes_the_answer_and_refuses_to_overwrite(tmp_path: Path, capsys: 
     assert main(_cli(tmp_path)) == 2
     assert "--force" in capsys.readouterr().err
     assert main(_cli(tmp_path, "--force", "--solver", "heuristic")) == 0
-    assert json.loads((tmp_path / "y.json").read_text())["status"] == "heuristic"
+    d = json.loads((tmp_path / "y.json").read_text())
+    assert d["solver"] == "heuristic" and d["status"] in ("heuristic", "within_gap", "optimal")
 
 
 def test_cli_bad_inputs_exit_non_zero_with_a_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

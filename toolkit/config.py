@@ -289,6 +289,9 @@ class QPConfig(_Section):
     n_per_class: Annotated[int, Field(ge=1)] = 5  # m: features per class, <= k
     redundancy_threshold: float | None = None  # tau on the scale of R; None = lowest tau with k compatible features
     redundancy_weight: NonNegFloat = 1.0  # w: weight of the R penalty on selected pairs above tau
+    # clique: tau found and applied on R, penalty w R; reference: as the DINO-QPM code (tau found on R + R^T, compared
+    # with R, penalty min-max rescaled over R's nonzeros). Only used when redundancy_threshold is None.
+    redundancy_rule: Literal["clique", "reference"] = "clique"
     solver: Literal["auto", "highs", "scip", "gurobi", "heuristic"] = "auto"  # MILP backend (auto: best installed)
     time_limit: PosFloat = 60.0  # seconds for the whole solve: heuristic search, bound and MILP
     mip_gap: Fraction = 0.005  # relative gap at which the MILP stops (the reference's MIPGap)

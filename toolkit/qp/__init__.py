@@ -1,20 +1,23 @@
 """QPM discrete optimisation: choose k of F features and m per class, solved and certified without Gurobi.
 
-The problem (exactly this objective; qpm.md §1.5 without the locality bias b):
+The problem (exactly this objective; docs/method.md#qp, the QPM problem of Norrenbrock et al., ICLR 2025, without the
+locality bias b):
 
     maximise   alpha * sum_{f,c} A[f,c] X[f,c]  -  w * sum_{i<j, R[i,j] >= tau} R[i,j] s_i s_j
-    subject to sum_f s_f = k;   X[f,c] <= s_f;   sum_f X[f,c] = m for every class c;
+    subject to sum_f s_f = k;   X[f,c] <= s_f;   sum_f X[f,c] = m for every class c;   s_f <= sum_c X[f,c];
                no two classes use the same set of features;   s, X binary;   alpha = 1000 / (m C).
 
 A (F x C) is the Pearson feature-class correlation with max|A| = 1; R (F x F) is the cosine similarity between
 rows of A with the diagonal and negatives set to 0 (read on its upper triangle); tau is the redundancy threshold
-(default: the lowest one at which k pairwise-compatible features exist, qpm.md §3.3) and w its weight. Unlike the
-reference, the penalty uses w * R directly, not R min-max rescaled over its nonzeros (qpm.md §1.2), and balance and
-distinctness hold over all features, not only "relevant" ones (qpm.md §1.4).
+(default: the lowest one at which k pairwise-compatible features exist, docs/method.md#qp) and w its weight.
+Unlike the reference, the penalty uses w * R directly, not R min-max rescaled over its nonzeros, balance and
+distinctness hold over all features, not only "relevant" ones, and every selected feature serves some class
+(docs/method.md, differences from the reference code).
 
 Pipeline of `solve_qp`: pre-checks (`_checks`) -> tau (`threshold`) -> heuristic (`heuristic`, `assign`) ->
-Lagrangian bound (`bound`) -> MILP through cvxpy with lazy distinctness and pruning (`milp`, `backends`) ->
-verification and certificate (`certificate`). CLI: `python -m toolkit.qp --help`.
+LP-Lagrangian bound (`bound`) -> subset-Lagrangian bound with the penalty kept exact, whose inner selections also
+feed the local search (`subset_bound`) -> MILP through cvxpy with lazy distinctness and pruning (`milp`,
+`backends`) if a gap is left -> verification and certificate (`certificate`). CLI: `python -m toolkit.qp --help`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """Command line: solve the QPM selection for an inputs file and write the answer with its certificate.
 
     python -m toolkit.qp --inputs X.npz --n-features K --n-per-class M [--redundancy-threshold T]
-        [--redundancy-weight W] [--time-limit S] [--solver auto|highs|scip|gurobi|heuristic] --out Y.json
+        [--redundancy-rule clique|reference] [--redundancy-weight W] [--time-limit S]
+        [--solver auto|highs|scip|gurobi|heuristic] --out Y.json
 
 X.npz holds `A` (F, C) and optionally `R` (F, F) (cosine of A's rows when absent). Y.json holds selected,
-assignment, objective, bound, gap, status, seconds, solver, solver_version, tau, lazy_rounds and input_sha256.
+assignment, objective, bound, gap, status, seconds, solver, solver_version, tau, lazy_rounds, input_sha256 and stats
+(answer_source and bound_source: which component produced each). status: optimal (gap zero), within_gap (gap at
+most --mip-gap), time_limit (stopped above it), heuristic (--solver heuristic, gap above --mip-gap).
 
 Exit codes: 0 solved; 2 bad arguments or inputs (the message names the problem and the fix), or --out exists
 without --force; 3 the requested solver is unavailable; 4 an answer failed verification (a bug, please report).
@@ -26,7 +29,8 @@ from toolkit.qp.inputs import load_inputs
 from toolkit.qp.solve import solve_qp
 
 _FLAGS = {"n_features": "--n-features", "n_per_class": "--n-per-class", "redundancy_weight": "--redundancy-weight",
-          "redundancy_threshold": "--redundancy-threshold", "time_limit": "--time-limit", "mip_gap": "--mip-gap"}
+          "redundancy_threshold": "--redundancy-threshold", "redundancy_rule": "--redundancy-rule",
+          "time_limit": "--time-limit", "mip_gap": "--mip-gap"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-per-class", required=True, type=int, metavar="M", help="m: features per class")
     ap.add_argument("--redundancy-threshold", type=float, default=None, metavar="T",
                     help="tau; default: lowest threshold with K pairwise-compatible features")
+    ap.add_argument("--redundancy-rule", choices=("clique", "reference"), default=defaults.redundancy_rule,
+                    help="how tau is found when --redundancy-threshold is absent: clique (lowest threshold with K "
+                         "pairwise-compatible features, penalty w R) or reference (as the DINO-QPM code: 2 x that "
+                         f"threshold, penalty min-max rescaled); default {defaults.redundancy_rule}")
     ap.add_argument("--redundancy-weight", type=float, default=defaults.redundancy_weight, metavar="W",
                     help=f"w, weight of the R penalty (default {defaults.redundancy_weight})")
     ap.add_argument("--time-limit", type=float, default=defaults.time_limit, metavar="S",
@@ -93,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = QPConfig(n_features=args.n_features, n_per_class=args.n_per_class,
                        redundancy_threshold=args.redundancy_threshold, redundancy_weight=args.redundancy_weight,
+                       redundancy_rule=args.redundancy_rule,
                        solver=args.solver, time_limit=args.time_limit, mip_gap=args.mip_gap)
     except ConfigError as exc:
         msg = str(exc)

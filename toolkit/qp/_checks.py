@@ -18,7 +18,8 @@ class QPInputError(ValueError):
 
 
 class QPInfeasibleError(QPInputError):
-    """The settings admit no solution: k > F, m > k, or more classes than distinct m-subsets of k features."""
+    """The settings admit no solution: k > F, m > k, more classes than distinct m-subsets of k features, or more
+    features than class slots (k > m C), which would leave a selected feature unused."""
 
 
 class QPSolverError(RuntimeError):
@@ -61,7 +62,7 @@ def check_inputs(A: object, R: object | None, cfg: QPConfig) -> tuple[np.ndarray
 
     Raises:
         QPInputError: shapes, dtypes or values are wrong.
-        QPInfeasibleError: k > F, m > k, or C > binomial(k, m).
+        QPInfeasibleError: k > F, m > k, C > binomial(k, m), or k > m C (some selected feature would be unused).
     """
     a = _as_matrix("A", A)
     n_feat, n_cls = a.shape
@@ -88,6 +89,10 @@ def check_inputs(A: object, R: object | None, cfg: QPConfig) -> tuple[np.ndarray
         raise QPInfeasibleError(f"C={n_cls} classes need pairwise different feature sets, but k={k} features give "
                                 f"only binomial({k}, {m}) = {n_sets} distinct sets of m={m}; raise k or change m so "
                                 f"that binomial(k, m) >= {n_cls}")
+    if k > m * n_cls:
+        raise QPInfeasibleError(f"every selected feature must be used by some class, but C={n_cls} classes with "
+                                f"m={m} features each use at most {m * n_cls} < k={k} features; lower "
+                                f"qp.n_features / --n-features to <= {m * n_cls} or raise qp.n_per_class")
     tau = cfg.redundancy_threshold
     if tau is not None and not math.isfinite(tau):
         raise QPInputError(f"redundancy_threshold must be a finite number or null, got {tau}")

@@ -1,15 +1,18 @@
-"""Distinct class assignment for a fixed selection S: top-m, cheapest-swap de-duplication, then a matching.
+"""Distinct class assignment for a fixed selection S: top-m, cheapest-swap de-duplication, a matching, coverage.
 
-For fixed S, X decomposes by class (each class takes its m best features of S) except for one coupling: no two
-classes may use the same feature set. Three steps, each never worse than the one before:
+For fixed S, X decomposes by class (each class takes its m best features of S) except for two couplings: no two
+classes may use the same feature set, and every selected feature must be used by some class (the link
+s_f <= sum_c X[f, c], docs/method.md#qp). Three steps, each never worse than the one before, then a repair:
 
 1. top-m per class (the optimum without distinctness; an upper bound for this S);
-2. the reference's de-duplication (qpm.md §1.4): while two classes share a set, apply the cheapest single swap
+2. the reference's de-duplication (docs/method.md#qp): while two classes share a set, apply the cheapest single swap
    (one feature of the set out, one other selected feature in) that creates no new collision;
 3. an assignment problem over the classes that ever collided: each picks one of its best m-subsets of S (found
    best-first), subsets used by the other classes are taken, and `linear_sum_assignment` maximises the total.
    The subsets from step 2 are among the candidates, so step 3 can only improve on it. With every subset of S as
-   a candidate it would be exact for this S; the candidate lists keep it fast.
+   a candidate it would be exact for this S; the candidate lists keep it fast;
+4. coverage: while a selected feature is unused, the cheapest single swap that puts it into some class's set (taking
+   out a feature another class still uses, creating no collision) is applied.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from toolkit.qp.problem import Assignment, Problem, duplicate_groups, top_m_assignment
+from toolkit.qp.problem import Assignment, Problem, duplicate_groups, top_m_assignment, unused_features
 
 _MAX_CANDIDATES = 24  # best subsets per colliding class in the matching (more only if the matching needs them)
 
@@ -126,13 +129,48 @@ def _matching(problem: Problem, sel: np.ndarray, assignment: Assignment, movers:
     return out
 
 
+def _cover_unused(problem: Problem, sel: np.ndarray, assignment: Assignment) -> Assignment | None:
+    """Give every unused selected feature a class by the cheapest single swap; None if some feature cannot get one.
+
+    A swap (class c: g out, f in) is allowed when g is used by another class too and the new set is not taken.
+    """
+    out = list(assignment)
+    a = problem.A
+    count: dict[int, int] = {}
+    for fs in out:
+        for f in fs:
+            count[f] = count.get(f, 0) + 1
+    used = set(out)
+    for f in unused_features(sel, out):
+        best: tuple[float, int, int] | None = None
+        for c, fs in enumerate(out):
+            for g in fs:
+                if count[g] < 2:
+                    continue
+                loss = float(a[g, c] - a[f, c])
+                if best is not None and loss >= best[0]:
+                    continue
+                if tuple(sorted(set(fs) - {g} | {int(f)})) not in used:
+                    best = (loss, c, g)
+        if best is None:
+            return None
+        _, c, g = best
+        new = tuple(sorted(set(out[c]) - {g} | {int(f)}))
+        used.discard(out[c])
+        used.add(new)
+        count[g] -= 1
+        count[int(f)] = 1
+        out[c] = new
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class Distinct:
     """A collision-free assignment for one selection, with what distinctness cost."""
 
-    assignment: Assignment
+    assignment: Assignment  # C sorted tuples, pairwise different, covering every selected feature
     colliding: int  # classes in duplicate groups of plain top-m (0: top-m was distinct, hence optimal for S)
-    loss: float  # objective units given up against top-m (>= 0)
+    loss: float  # objective units given up against top-m (>= 0; inf when no covering assignment was found)
     class_loss: np.ndarray  # (C,) the same per class (0 outside the colliding classes)
 
 
@@ -144,21 +182,28 @@ def distinct_assignment(problem: Problem, selected: np.ndarray) -> Distinct:
         selected: (k,) selected feature indices.
 
     Returns:
-        The assignment (C sorted tuples, pairwise different), the number of initially colliding classes and the
-        loss against top-m, computed from the per-class values the steps used.
+        The assignment (C sorted tuples, pairwise different, every selected feature used), the number of initially
+        colliding classes and the loss against top-m, computed from the per-class values the steps used. In the
+        rare case that the coverage repair finds no swap, the top-m-based assignment is returned with loss = inf
+        (the caller treats the selection as infeasible).
     """
     sel = np.sort(np.asarray(selected, dtype=np.int64))
     top = top_m_assignment(problem, sel)
     groups = duplicate_groups(top)
-    if not groups:
-        return Distinct(assignment=top, colliding=0, loss=0.0, class_loss=np.zeros(problem.n_classes))
     movers = sorted(itertools.chain.from_iterable(groups.values()))
-    swapped, ok = _cheapest_swaps(problem, sel, top)
-    out = _matching(problem, sel, swapped if ok else top, movers)
-    if duplicate_groups(out):
-        raise AssertionError("distinct_assignment: matching left a collision")
+    out = top
+    if groups:
+        swapped, ok = _cheapest_swaps(problem, sel, top)
+        out = _matching(problem, sel, swapped if ok else top, movers)
+        if duplicate_groups(out):
+            raise AssertionError("distinct_assignment: matching left a collision")
+    covered = _cover_unused(problem, sel, out)
+    if covered is None:
+        return Distinct(assignment=out, colliding=len(movers), loss=float("inf"),
+                        class_loss=np.zeros(problem.n_classes))
     a = problem.A
     class_loss = np.zeros(problem.n_classes)
-    for c in movers:
-        class_loss[c] = problem.alpha * float(a[list(top[c]), c].sum() - a[list(out[c]), c].sum())
-    return Distinct(assignment=out, colliding=len(movers), loss=float(class_loss.sum()), class_loss=class_loss)
+    changed = [c for c in range(problem.n_classes) if covered[c] != top[c]]
+    for c in changed:
+        class_loss[c] = problem.alpha * float(a[list(top[c]), c].sum() - a[list(covered[c]), c].sum())
+    return Distinct(assignment=covered, colliding=len(movers), loss=float(class_loss.sum()), class_loss=class_loss)

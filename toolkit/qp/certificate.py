@@ -1,9 +1,11 @@
 """The answer of the QP stage (`Selection`), its certificate, and the verification every answer passes.
 
-Certificate fields: objective (recomputed from the assignment), bound (a valid upper bound for the full problem),
-gap = (bound - objective) / |objective|, status ("optimal": proven within qp.mip_gap; "time_limit": the MILP
-stopped first; "heuristic": no MILP ran), seconds, solver and version, tau, lazy_rounds (MILP re-solves caused by
-duplicate class sets), input_sha256 (of A and R as used), and `stats` (how the answer was reached).
+Certificate fields: objective (recomputed from the assignment), bound (a valid upper bound for the full problem,
+distinctness and the unused-feature link included), gap = (bound - objective) / |objective|, status (what was
+proven, see `STATUSES`), seconds, solver and version, tau, lazy_rounds (MILP re-solves caused by duplicate class
+sets), input_sha256 (of A and R as used), and `stats` (which component produced the answer and the bound, and how).
+Every answer uses each selected feature for at least one class (docs/method.md#qp), so the head and the export keep
+exactly the selected features.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import numpy as np
 from toolkit.qp._checks import QPVerificationError
 from toolkit.qp.problem import Assignment, Problem, objective
 
-STATUSES = ("optimal", "time_limit", "heuristic")
+# What the status proves:
+#   optimal     the gap is zero (below ZERO_GAP, the solvers' tolerance level);
+#   within_gap  the gap is at most the requested qp.mip_gap, but not zero;
+#   time_limit  an exact method (bound or MILP) ran and the time limit stopped it above qp.mip_gap;
+#   heuristic   solver "heuristic": only the heuristic and its bounds ran, and the gap is above qp.mip_gap.
+STATUSES = ("optimal", "within_gap", "time_limit", "heuristic")
+ZERO_GAP = 1e-6
 _REL_TOL = 1e-6  # recomputed objective vs the producer's claim
 
 
@@ -63,7 +71,7 @@ class Selection:
             "objective": self.objective, "bound": self.bound, "gap": self.gap, "status": self.status,
             "seconds": self.seconds, "solver": self.solver, "solver_version": self.solver_version,
             "tau": self.tau, "lazy_rounds": self.lazy_rounds, "input_sha256": self.input_sha256,
-            "n_features": self.n_features, "n_per_class": self.n_per_class,
+            "n_features": self.n_features, "n_per_class": self.n_per_class, "all_features_used": True,
             # JSON has no inf/NaN: a bound a stage never produced is written as null.
             "stats": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.stats.items()},
         }
@@ -85,8 +93,10 @@ class Selection:
             raise QPVerificationError(f"selection JSON lacks fields {missing}")
         selected = np.asarray(d["selected"], dtype=np.int64)
         assignment = [[int(f) for f in fs] for fs in d["assignment"]]
+        # Answers written before the unused-feature link existed lack the flag and may leave a feature unused.
         check_structure(selected, [tuple(fs) for fs in assignment], k=len(selected),
-                        m=len(assignment[0]) if assignment else 0, n_features=None)
+                        m=len(assignment[0]) if assignment else 0, n_features=None,
+                        require_used=bool(d.get("all_features_used", False)))
         return cls(selected=selected, assignment=assignment, weight=weight_matrix(selected, assignment),
                    objective=float(d["objective"]), bound=float(d["bound"]), gap=float(d["gap"]),
                    status=str(d["status"]), seconds=float(d["seconds"]), solver=str(d["solver"]),
@@ -105,8 +115,9 @@ def weight_matrix(selected: np.ndarray, assignment: list[list[int]] | Assignment
 
 
 def check_structure(selected: np.ndarray, assignment: Assignment, *, k: int, m: int,
-                    n_features: int | None) -> None:
-    """k distinct sorted features, m distinct selected features per class, pairwise different class sets."""
+                    n_features: int | None, require_used: bool = True) -> None:
+    """k distinct sorted features, m distinct selected features per class, pairwise different class sets, and
+    (with `require_used`) every selected feature used by at least one class."""
     sel = np.asarray(selected)
     if sel.shape != (k,) or len(np.unique(sel)) != k or not (np.diff(sel) > 0).all():
         raise QPVerificationError(f"selected must be {k} distinct ascending feature indices, got {sel.tolist()}")
@@ -119,13 +130,19 @@ def check_structure(selected: np.ndarray, assignment: Assignment, *, k: int, m: 
     sets = [frozenset(fs) for fs in assignment]
     if len(set(sets)) != len(sets):
         raise QPVerificationError("two classes use the same feature set (distinctness violated)")
+    if require_used:
+        unused = sorted(chosen - {int(f) for fs in assignment for f in fs})
+        if unused:
+            raise QPVerificationError(f"selected features {unused} are used by no class (every selected feature "
+                                      f"must serve a class, so that export keeps exactly the head's features)")
 
 
 def verify(problem: Problem, selected: np.ndarray, assignment: Assignment, claimed: float) -> float:
     """Check an answer against the problem and return its objective recomputed from scratch.
 
     Raises:
-        QPVerificationError: wrong k, wrong m for some class, a repeated class set, or a recomputed objective
+        QPVerificationError: wrong k, wrong m for some class, a repeated class set, a selected feature no class
+        uses, or a recomputed objective
         that differs from `claimed` by more than 1e-6 relative.
     """
     check_structure(selected, assignment, k=problem.k, m=problem.m, n_features=problem.n_features)

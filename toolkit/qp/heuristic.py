@@ -1,9 +1,9 @@
 """The fast heuristic: greedy selection, 1-swap local search, distinct assignment, distinctness-aware polishing.
 
 It works on V(S) = alpha * sum_c top_m(A[S, c]) - penalty(S), the objective of a selection S with the best
-assignment ignoring distinctness (qpm.md §7.1: for fixed S the best X is each class's top m). Steps:
+assignment ignoring distinctness (docs/method.md#qp: for fixed S the best X is each class's top m). Steps:
 
-1. Greedy (qpbench.md, method a): every class starts with m "phantom" features worth theta_c, the
+1. Greedy (docs/method.md#qp): every class starts with m "phantom" features worth theta_c, the
    ceil(m F / k)-th best A of its column, so early picks are not judged by one class alone; then add the feature
    with the largest marginal V (penalty included) until |S| = k.
 2. Best-improvement 1-swap local search. Per class keep the m-th and (m+1)-th best values of S, so every
@@ -11,7 +11,7 @@ assignment ignoring distinctness (qpm.md §7.1: for fixed S the best X is each c
    incrementally by the accepted delta.
 3. Distinct assignment for the final S (`assign.distinct_assignment`), then distinctness-aware polishing: swaps
    whose V-delta exceeds minus the distinctness loss are re-scored by their value *after* de-duplication, since
-   the best S before de-duplication is not always the best after it (qpbench.md, toy2).
+   the best S before de-duplication is not always the best after it (docs/method.md#qp).
 4. Iterated local search (random kicks of a few features, then steps 2-3) while the time budget lasts.
 
 Every answer is feasible: |S| = k, m features per class, pairwise different class sets.

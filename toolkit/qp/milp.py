@@ -1,18 +1,22 @@
 """The exact model as a MILP through cvxpy, with lazy distinctness and per-class candidate pruning.
 
-Model (qpm.md §7.3, F1), for per-class candidate lists T_c (all features on small instances):
+Model (docs/method.md#qp, "F1"), for per-class candidate lists T_c (all features on small instances):
 
     max  alpha * (sum_{c, f in T_c} A[f, c] x_fc + sum_c a+_c o_c)  -  sum_{p=(i,j)} w R_ij y_p
     s.t. sum_f s_f = k;   sum_{f in T_c} x_fc + o_c = m  (all c);   x_fc <= s_f;
-         y_p >= s_i + s_j - 1, y_p >= 0;   s binary, x in [0, 1] (binary for classes in a cut), o_c in [0, m];
+         y_p >= s_i + s_j - 1, y_p >= 0;   s_f <= sum_{c: f in T_c} x_fc + sum_c o_c  (every selected feature is
+         used by some class);   s binary, x in [0, 1] (binary for classes in a cut), o_c in [0, m];
          for every duplicate group (D, classes G): z_c >= sum_{f in D} x_fc - (m - 1), z >= 0, sum_{c in G} z_c <= 1.
 
-* X continuous: for a fixed integral s each class's polytope has integral vertices (qpm.md §7.1.2), so only F
+* X continuous: for a fixed integral s each class's polytope has integral vertices (docs/method.md#qp), so only F
   binaries. Classes named in a cut get binary x, since a fractional x could slip under the cut.
 * Pruning with an overflow certificate: o_c stands for "features outside T_c" at the optimistic price
   a+_c = max_{f not in T_c} A[f, c] and needs no selected feature, so the pruned model is a relaxation and its
   bound is valid for the full problem. When a solution uses overflow, T_c of those classes is doubled and the
-  model re-solved.
+  model re-solved. The link row gets the total overflow on its right-hand side for the same reason: a full solution
+  that uses f for a class where f is outside T_c has that class's overflow >= 1.
+* The link rows s_f <= sum_c x_fc keep the per-feature polytope integral for fixed s (a bipartite incidence
+  matrix, totally unimodular), so X stays continuous.
 * Distinctness is lazy: solve, read each class's set, add one group cut per set shared by several classes
   (excluding exactly that collision), re-solve warm-started from the best feasible answer.
 Every bound reported by any round is valid for the full problem (each model is a relaxation of it), so the
@@ -33,7 +37,7 @@ from toolkit.qp._checks import rel_gap
 from toolkit.qp.assign import distinct_assignment
 from toolkit.qp.backends import Backend
 from toolkit.qp.heuristic import Candidate
-from toolkit.qp.problem import Assignment, Problem, duplicate_groups
+from toolkit.qp.problem import Assignment, Problem, duplicate_groups, unused_features
 
 _FULL_ENTRIES = 40_000  # F * C up to this: no pruning (the model is exact in one go)
 _MIN_ROUND_SECONDS = 1.0  # do not start a re-solve with less time than this
@@ -121,7 +125,10 @@ class _Model:
                                   shape=(n_cls, len(self.o_cls)))
             rows = rows + o_map @ self.o
             gain = gain + a_plus[self.o_cls] @ self.o
-        cons = [cp.sum(self.s) == p.k, rows == m, x <= link @ self.s]
+        used = link.T @ x  # (F,) how many classes use each feature (within the candidate lists)
+        if self.o is not None:
+            used = used + cp.sum(self.o)
+        cons = [cp.sum(self.s) == p.k, rows == m, x <= link @ self.s, self.s <= used]
         objective = p.alpha * gain
         if self.y is not None:
             cons.append(self.y >= self.s[p.pi] + self.s[p.pj] - 1)
@@ -199,6 +206,8 @@ def repaired(problem: Problem, selected: np.ndarray, source: str) -> Candidate:
     """A feasible answer for a selection: distinct assignment, value from top-m minus its losses."""
     res = distinct_assignment(problem, selected)
     value = problem.topm_value(selected) - problem.penalty(selected) - res.loss
+    if not np.isfinite(value):
+        value = -np.inf  # no covering assignment found for this selection: never preferred over another answer
     return Candidate(selected=np.sort(selected), assignment=res.assignment, value=value, source=source)
 
 
@@ -239,7 +248,7 @@ def solve_milp(problem: Problem, incumbent: Candidate, backend: Backend, *, list
         log(f"qp: MILP round {solves}: {len(np.concatenate(lists))} x, {len(cuts)} cuts, value {value:.4f}, "
             f"bound {bound:.4f}, {sum(map(len, dups.values()))} colliding, {len(grow)} overflowing "
             f"({time.perf_counter() - t0:.1f}s)")
-        if assignment is not None and not dups:
+        if assignment is not None and not dups and not unused_features(sel, assignment):
             cand = Candidate(selected=sel, assignment=assignment, value=value, source=backend.name)
             finished = status == "optimal"
         else:

@@ -49,7 +49,7 @@ class Problem:
 
     @property
     def alpha(self) -> float:
-        """1000 / (m C): keeps the A term at a fixed scale across datasets (qpm.md §1.2)."""
+        """1000 / (m C): keeps the A term at a fixed scale across datasets (as in QPM; docs/method.md#qp)."""
         return 1000.0 / (self.m * self.n_classes)
 
     @cached_property
@@ -73,18 +73,27 @@ class Problem:
         return self.alpha * float(top.sum())
 
 
-def build_problem(A: np.ndarray, R: np.ndarray, *, k: int, m: int, tau: float, w: float) -> Problem:
+def build_problem(A: np.ndarray, R: np.ndarray, *, k: int, m: int, tau: float, w: float,
+                  rescale: bool = False) -> Problem:
     """Collect the penalised pairs {i < j : R[i, j] >= tau, R[i, j] > 0} of the upper triangle of R.
 
+    With `rescale` (the reference rule) the penalty of a pair is w (R - r_min) / (r_max - r_min), r_min and r_max the
+    smallest and largest nonzero upper-triangle values of R (the reference code's min-max rescaling, docs/method.md,
+    differences from the reference code); pairs whose rescaled penalty is 0 are dropped.
+
     R is read on its upper triangle only, as in the objective's sum over i < j, so the symmetric R of
-    `similarity_R` and the reference's upper-triangular R (qpm.md §2.2) define the same problem. Pairs with R = 0
+    `similarity_R` and the reference's upper-triangular R (docs/method.md#qp) define the same problem. Pairs with R = 0
     cost nothing and are dropped.
     """
     iu, ju = np.triu_indices(A.shape[0], 1)
     r = R[iu, ju]
-    keep = (r >= tau) & (r > 0) if w > 0 else np.zeros(r.shape, dtype=bool)
+    pen = r
+    if rescale and (r > 0).any():
+        lo, hi = float(r[r > 0].min()), float(r.max())
+        pen = (r - lo) / (hi - lo) if hi > lo else np.ones_like(r)
+    keep = (r >= tau) & (r > 0) & (pen > 0) if w > 0 else np.zeros(r.shape, dtype=bool)
     return Problem(A=A, pi=iu[keep].astype(np.int64), pj=ju[keep].astype(np.int64),
-                   pw=(w * r[keep]).astype(np.float64), k=k, m=m, tau=float(tau), w=float(w))
+                   pw=(w * pen[keep]).astype(np.float64), k=k, m=m, tau=float(tau), w=float(w))
 
 
 def objective(problem: Problem, selected: np.ndarray, assignment: Assignment) -> float:
@@ -118,6 +127,12 @@ def duplicate_groups(assignment: Assignment) -> dict[tuple[int, ...], list[int]]
     for c, fs in enumerate(assignment):
         groups.setdefault(fs, []).append(c)
     return {fs: cs for fs, cs in groups.items() if len(cs) > 1}
+
+
+def unused_features(selected: np.ndarray, assignment: Assignment) -> list[int]:
+    """Selected features that no class uses (ascending); the exact model allows none (s_f <= sum_c X[f, c])."""
+    used = {int(f) for fs in assignment for f in fs}
+    return sorted(int(f) for f in np.asarray(selected).ravel() if int(f) not in used)
 
 
 def input_sha256(A: np.ndarray, R: np.ndarray) -> str:

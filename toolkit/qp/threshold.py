@@ -1,11 +1,12 @@
 """The redundancy threshold tau: the lowest similarity at which k pairwise-compatible features still exist.
 
-The reference (qpm.md §3.3, dino_qpm.md §3.4) lowers a threshold from a Turan-density start in 100 steps and probes
-each with greedy clique heuristics on the "compatible" graph (edge i-j iff R[i, j] < tau). We ask the same question
-more directly: bisection over the sorted distinct values of R, probing each candidate with a greedy independent-set
-search on the *conflict* graph (R >= tau) -- the complement view of the same clique. Like the reference this is a
-heuristic (maximum clique is NP-hard): the tau found always admits the k-feature set returned with it (verified),
-but a slightly lower tau might admit one the greedy misses.
+The reference code (QPM, Norrenbrock et al., ICLR 2025; DINO-QPM, arXiv 2604.07166; docs/method.md#qp) lowers a
+threshold from a Turan-density start in 100 steps and probes each with greedy clique heuristics on the "compatible"
+graph (edge i-j iff R[i, j] < tau). We ask the same question more directly: bisection over the sorted distinct
+values of R, probing each candidate with a greedy independent-set search on the *conflict* graph (R >= tau) -- the
+complement view of the same clique. Like the reference this is a heuristic (maximum clique is NP-hard): the tau
+found always admits the k-feature set returned with it (verified), but a slightly lower tau might admit one the
+greedy misses.
 
 Two deliberate differences from the reference, both documented in the toolkit docs:
 * one scale throughout: tau is found and applied on R (the reference searches on R + R^T but compares R, so it
@@ -80,6 +81,14 @@ def _largest_compatible(rs: np.ndarray, tau: float, k: int) -> np.ndarray:
         if len(peeled) > len(best):
             best = peeled
     return best
+
+
+def reference_tau(R: np.ndarray, k: int) -> Threshold:
+    """The DINO-QPM code's effective threshold: the clique search runs on R + R^T (= 2 R for a symmetric R) but the
+    penalised pairs are then found by comparing R with it, so tau = 2 x the clique threshold of R. The compatible set
+    of the clique rule stays pairwise below it (zero penalty)."""
+    th = choose_tau(R, k)
+    return Threshold(tau=2.0 * th.tau, compatible=th.compatible, probes=th.probes)
 
 
 def choose_tau(R: np.ndarray, k: int) -> Threshold:
