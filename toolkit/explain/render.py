@@ -193,7 +193,9 @@ def render_global(expl: GlobalExplanation, path: Path) -> Path:
     axd.set_xticks([])
     axd.tick_params(axis="y", labelsize=6)
     axd.set_ylabel("classes", fontsize=7)
-    fig.suptitle(f"{n_classes} classes x {k} features, {expl.n_per_class} per class (red: shared features)",
+    used = expl.n_used
+    cols = f"{used} features" if used == k else f"{used} features used (of {k} columns)"
+    fig.suptitle(f"{n_classes} classes x {cols}, {expl.n_per_class} per class (red: shared features)",
                  fontsize=9, y=1 - 0.15 / height, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
