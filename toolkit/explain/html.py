@@ -57,7 +57,7 @@ def _a(href: str, text: str) -> str:
 
 
 def _img(src: str, alt: str, cls: str = "view") -> str:
-    return f'<img class="{cls}" src="{escape(src, quote=True)}" alt="{escape(alt, quote=True)}" loading="lazy">'
+    return f'<img class="{cls}" src="{escape(src, quote=True)}" alt="{escape(alt, quote=True)}">'
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
