@@ -71,6 +71,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
 # ------------------------------------------------------------------------------------------------------ SVG charts
 
 
+def _tick(v: float) -> str:
+    """An axis label: 3 significant digits, float noise around 0 shown as 0."""
+    return "0" if abs(v) < 1e-6 else f"{v:.3g}"
+
+
 def line_chart(series: dict[str, Sequence[float]], *, title: str, width: int = 360, height: int = 170) -> str:
     """An inline SVG line chart of one or more series over epochs 1..n (same x for all), with min/max y labels."""
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
@@ -145,8 +150,8 @@ def box_chart(per_class: Sequence[dict[str, float]], classes: Sequence[str], hig
                   f'<line x1="{x(q["q50"]):.1f}" x2="{x(q["q50"]):.1f}" y1="{y}" y2="{y + 11}" stroke="{colour}" '
                   'stroke-width="2"/>']
     base = top + row_h * len(rows) + 12
-    parts += [f'<text x="{label_w}" y="{base}" font-size="10">{lo:.3g}</text>',
-              f'<text x="{width - 8}" y="{base}" font-size="10" text-anchor="end">{hi:.3g}</text>',
+    parts += [f'<text x="{label_w}" y="{base}" font-size="10">{_tick(lo)}</text>',
+              f'<text x="{width - 8}" y="{base}" font-size="10" text-anchor="end">{_tick(hi)}</text>',
               f'<text x="{(label_w + width) / 2:.0f}" y="{base}" font-size="10" text-anchor="middle">pooled '
               'activation f (5/25/50/75/95 %)</text></svg>']
     return "".join(parts)
@@ -157,7 +162,7 @@ def box_chart(per_class: Sequence[dict[str, float]], classes: Sequence[str], hig
 
 def _metrics_section(metrics: dict[str, Any], classes: Sequence[str]) -> list[str]:
     ev = metrics.get("evaluation", {})
-    out = ['<h2 id="metrics">Metrics</h2>',
+    out = ['<section id="metrics"><h2>Metrics</h2>',
            '<table><tr><th>model</th>' + "".join(f"<th>{escape(metric_label(k, label))}</th>" for k, label in REPORTED)
            + "</tr>"]
     for name in MODELS:
@@ -189,7 +194,7 @@ def _metrics_section(metrics: dict[str, Any], classes: Sequence[str]) -> list[st
 
 
 def _curves_section(histories: dict[str, list[dict[str, float]]]) -> list[str]:
-    out = ['<h2 id="curves">Training curves</h2>']
+    out = ['<section id="curves"><h2>Training curves</h2>']
     if not histories:
         return out + ["<p>No training history recorded (the stage directories are gone).</p>"]
     out.append('<p class="muted">Per epoch, as the trainer logged them (also in TensorBoard: <code>tensorboard '
@@ -205,7 +210,7 @@ def _curves_section(histories: dict[str, list[dict[str, float]]]) -> list[str]:
 
 
 def _qp_section(qp: dict[str, Any]) -> list[str]:
-    out = ['<h2 id="qp">QP certificate</h2>']
+    out = ['<section id="qp"><h2>QP certificate</h2>']
     if not qp:
         return out + ["<p>Not recorded.</p>"]
     rows = [("status", "solver's verdict (optimal = the bound closes the gap)"), ("objective", "value of the "
@@ -228,7 +233,7 @@ def _global_section(glob: dict[str, Any]) -> list[str]:
     deg = glob["degree"]
     used = sum(d > 0 for d in deg)
     cols = [j for j in glob["feature_order"] if deg[j] > 0]
-    out = ['<h2 id="global">Global view: which class uses which feature</h2>',
+    out = ['<section id="global"><h2>Global view: which class uses which feature</h2>',
            f"<p>{len(classes)} classes x {used} features used" + (f" (of {k} columns)" if used != k else "")
            + f", {glob['n_per_class']} per class. Dark: the class uses the feature; red: a feature shared by several "
            "classes. Click a feature or a class for its card. Rows and columns are seriated so classes that share "
@@ -252,7 +257,7 @@ def _global_section(glob: dict[str, Any]) -> list[str]:
 
 def _feature_cards(atlas: dict[str, Any]) -> list[str]:
     classes = atlas["classes"]
-    out = ['<h2 id="features">Features</h2>',
+    out = ['<section id="features"><h2>Features</h2>',
            f"<p>Each feature through the {atlas['top_n']} of the {atlas['n_images']} {escape(atlas['split'])} images "
            "where its pooled activation f is highest (strongest first), with its map over them (jet colours; one "
            "colour range per feature). The box plot is f per class: a feature a class relies on should be high for "
@@ -272,7 +277,7 @@ def _feature_cards(atlas: dict[str, Any]) -> list[str]:
 
 
 def _class_cards(index: dict[str, Any]) -> list[str]:
-    out = ['<h2 id="classes">Classes</h2>']
+    out = ['<section id="classes"><h2>Classes</h2>']
     for card in index["class_cards"]:
         c = card["class"]
         feats = ", ".join(_a(f"#f{j}", f"f{j}") for j in card["features"]) or "none"
@@ -289,7 +294,7 @@ def _class_cards(index: dict[str, Any]) -> list[str]:
             parts.append(f"<p>Most confused with {link}: {other['test_images']} "
                          f"test images ({other['as_other']} {escape(card['name'])} predicted as "
                          f"{escape(other['name'])}, {other['as_this']} the other way); {other['shared']} shared "
-                         "features. Contrast (each cell: the test image of its row's class where the feature is "
+                         "feature(s). Contrast (each cell: the test image of its row's class where the feature is "
                          "strongest):</p>" + _img(f"explanations/{other['contrast_png']}",
                                                    f"{card['name']} vs {other['name']}"))
         out.append("".join(parts) + "</div>")
@@ -312,19 +317,19 @@ def _local_card(entry: dict[str, Any], prefix: str) -> str:
 
 
 def _local_section(index: dict[str, Any], added: list[dict[str, Any]]) -> list[str]:
-    out = ['<h2 id="local">Local explanations</h2>',
-           "<p>Why one image gets its class: the m features of the predicted class, each map over the image, and "
-           "their contributions W·(f − μ)/σ, which add up to the logit exactly.</p>",
-           '<h3 id="local-correct">Correctly classified test images</h3>']
     right = [e for e in index["locals"] if e["correct"]]
     wrong = [e for e in index["locals"] if not e["correct"]]
-    out += [_local_card(e, "explanations/") for e in right] or ["<p>None.</p>"]
-    out.append('<h3 id="local-wrong">Misclassified test images</h3>')
-    out += [_local_card(e, "explanations/") for e in wrong] or ["<p>No test image is misclassified.</p>"]
+    out = ['<section id="local"><h2>Local explanations</h2>',
+           "<p>Why one image gets its class: the m features of the predicted class, each map over the image, and "
+           "their contributions W·(f − μ)/σ, which add up to the logit exactly.</p>",
+           '<div id="local-correct"><h3>Correctly classified test images</h3>',
+           *([_local_card(e, "explanations/") for e in right] or ["<p>None.</p>"]), "</div>",
+           '<div id="local-wrong"><h3>Misclassified test images</h3>',
+           *([_local_card(e, "explanations/") for e in wrong] or ["<p>No test image is misclassified.</p>"]), "</div>"]
     if added:
-        out.append('<h3 id="local-added">Added images</h3><p class="muted">Explained live by <code>python -m '
-                   "toolkit.explain --run RUN --images ...</code>.</p>")
-        out += [_local_card(e, "explanations/added/") for e in added]
+        out += ['<div id="local-added"><h3>Added images</h3><p class="muted">Explained live by <code>python -m '
+                "toolkit.explain --run RUN --images ...</code>.</p>",
+                *[_local_card(e, "explanations/added/") for e in added], "</div>"]
     return out
 
 
@@ -353,9 +358,10 @@ def write_html(run_dir: Path) -> Path:
             f"{index['global']['n_per_class']} per class. Companion files: "
             f"{_a('metrics.json', 'metrics.json')}, {_a('report.md', 'report.md')}, "
             f"{_a('config.yaml', 'config.yaml')}.</p><nav>{nav}</nav>",
-            *_metrics_section(metrics, classes), *_curves_section(index.get("histories", {})),
-            *_qp_section(metrics.get("qp", {})), *_global_section(index["global"]), *_feature_cards(atlas),
-            *_class_cards(index), *_local_section(index, added)]
+            *_metrics_section(metrics, classes), "</section>", *_curves_section(index.get("histories", {})),
+            "</section>", *_qp_section(metrics.get("qp", {})), "</section>", *_global_section(index["global"]),
+            "</section>", *_feature_cards(atlas), "</section>", *_class_cards(index), "</section>",
+            *_local_section(index, added), "</section>"]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>DINO-QPM report {escape(run_dir.name)}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -176,6 +177,7 @@ def render_explanations(model: DinoQPM, run: Run, out: Path, *, console: Console
             a, b = min(c, o), max(c, o)
             if (a, b) not in rendered:
                 pair = contrast_explanation(w, classes, a=a, b=b, features=feats, labels=y, ids=ids, maps_of=maps_of)
+                pair = dataclasses.replace(pair, reason=f"most confused with each other ({n_confused} test images)")
                 rendered[(a, b)] = f"classes/contrast_{a}_{b}.png"
                 render_contrast(pair, image_of, out / rendered[(a, b)])
             card["confused_with"] = {"class": o, "name": classes[o], "test_images": n_confused,
