@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from toolkit.cache import TokenStore
-from toolkit.explain.render import display_image, heat_rgba, normalise, upsample
+from toolkit.explain.render import PNG_COMPRESSION, display_image, heat_rgba, normalise, upsample
 from toolkit.model import DinoQPM, SparseHead
 from toolkit.train import evaluate, store_maps
 
@@ -193,7 +193,7 @@ def render_atlas(atlas: Atlas, maps: dict[int, np.ndarray], image_of: Callable[[
             strip.paste(Image.fromarray(arr), (i * (tile + gap), 0))
         path = out / card.png
         path.parent.mkdir(parents=True, exist_ok=True)
-        strip.save(path, format="PNG", optimize=False)
+        strip.save(path, format="PNG", compress_level=PNG_COMPRESSION)
         written.append(path)
     return written
 
@@ -205,5 +205,5 @@ def thumbnails(images: Sequence[Image.Image], path: Path, *, tile: int = TILE_PX
     for i, im in enumerate(images):
         strip.paste(Image.fromarray(display_image(im, tile)), (i * (tile + gap), 0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    strip.save(path, format="PNG")
+    strip.save(path, format="PNG", compress_level=PNG_COMPRESSION)
     return path
