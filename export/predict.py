@@ -297,7 +297,7 @@ def write_page(result: dict[str, Any], path: Path) -> Path:
             'add up to the logit. Also in <a href="predictions.json">predictions.json</a>.</p>', f"<ul>{nav}</ul>"]
     if failed:
         body.append(f'<h2 id="failed" class="failed">Could not be read ({len(failed)})</h2><ul>'
-                    + "".join(f'<li class="failed">{esc(f["image"])}: {esc(f["error"])}</li>' for f in failed)
+                    + "".join(f'<li class="failed">{esc(f["error"])}</li>' for f in failed)
                     + "</ul>")
     for i, p in enumerate(preds):
         top = "".join(f'<tr><td>{esc(t["name"])}</td><td class="num">{t["probability"]:.3f}</td>'
@@ -310,10 +310,11 @@ def write_page(result: dict[str, Any], path: Path) -> Path:
                     f'(p = {p["probability"]:.3f})</h2><p class="muted">{esc(p["image"])}; logit {p["logit"]:+.3f} = '
                     f'sum of {len(p["features"])} contributions (residual {p["residual"]:.1e}).</p>'
                     f'<img src="{esc(p["png"], quote=True)}" alt="{esc(p["image"], quote=True)}">'
-                    '<table style="display:inline-table;margin-right:16px"><tr><th>class</th><th>probability</th>'
-                    f'<th>logit</th></tr>{top}</table><table style="display:inline-table"><tr><th>feature</th>'
+                    '<div style="display:flex;gap:16px;align-items:flex-start;margin-top:6px">'
+                    '<table><tr><th>class</th><th>probability</th>'
+                    f'<th>logit</th></tr>{top}</table><table><tr><th>feature</th>'
                     "<th>channel</th><th>activation f</th><th>μ</th><th>σ</th><th>contribution</th></tr>"
-                    f"{feats}</table></div>")
+                    f"{feats}</table></div></div>")
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>DINO-QPM predictions</title>'
             f"<style>{_PAGE_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     path.write_text(page, encoding="utf-8")
@@ -386,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in result["predictions"]:
         print(f"{p['image']}: {p['predicted_name']} (p = {p['probability']:.3f}) -> {args.out / p['png']}")
     for f in result["failed"]:
-        print(f"error: {f['image']}: {f['error']}", file=sys.stderr)
+        print(f"error: {f['error']}", file=sys.stderr)
     print(f"wrote {len(result['predictions'])} PNG(s), {args.out / PREDICTIONS} and {args.out / PAGE} "
           f"({result['providers'][0]})" + (f"; {len(result['failed'])} image(s) could not be read" if result["failed"]
                                            else ""))

@@ -86,7 +86,9 @@ def line_chart(series: dict[str, Sequence[float]], *, title: str, width: int = 3
     if hi == lo:
         lo, hi = lo - 0.5, hi + 0.5
     n = max(len(s) for s in series.values())
-    left, right, top, bottom = 44, 8, 20, 34
+    legend_rows = (len(series) + 3) // 4
+    height += 11 * (legend_rows - 1)
+    left, right, top, bottom = 44, 8, 20, 34 + 11 * (legend_rows - 1)
 
     def xy(i: int, v: float) -> str:
         x = left + (width - left - right) * (i / max(1, n - 1))
@@ -111,7 +113,7 @@ def line_chart(series: dict[str, Sequence[float]], *, title: str, width: int = 3
         if len(s) == 1:
             parts.append(f'<circle cx="{xy(0, s[0]).split(",")[0]}" cy="{xy(0, s[0]).split(",")[1]}" r="3" '
                          f'fill="{colour}"/>')
-        parts.append(f'<text x="{left + 4 + 80 * (ci % 4)}" y="{height - 4 - 11 * (ci // 4)}" font-size="10" '
+        parts.append(f'<text x="{left + 4 + 80 * (ci % 4)}" y="{height - bottom + 26 + 11 * (ci // 4)}" font-size="10" '
                      f'fill="{colour}">{escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
