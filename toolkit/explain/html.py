@@ -296,9 +296,11 @@ def _class_cards(index: dict[str, Any]) -> list[str]:
             parts.append(f"<p>Most confused with {link}: {other['test_images']} "
                          f"test images ({other['as_other']} {escape(card['name'])} predicted as "
                          f"{escape(other['name'])}, {other['as_this']} the other way); {other['shared']} shared "
-                         "feature(s). Contrast (each cell: the test image of its row's class where the feature is "
-                         "strongest):</p>" + _img(f"explanations/{other['contrast_png']}",
-                                                   f"{card['name']} vs {other['name']}"))
+                         "feature(s). "
+                         + ("Contrast (each cell: the test image of its row's class where the feature is strongest):"
+                            "</p>" + _img(f"explanations/{other['contrast_png']}", f"{card['name']} vs {other['name']}")
+                            if other.get("contrast_png") else "No contrast figure: only the most confused class "
+                            "pairs get one.</p>"))
         out.append("".join(parts) + "</div>")
     return out
 

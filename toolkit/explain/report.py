@@ -26,6 +26,7 @@ from toolkit.train import evaluate, store_maps
 N_LOCAL = 3  # local views in report.md
 N_GALLERY = 3  # correctly and wrongly classified test images each in report.html
 N_CLASS_EXAMPLES = 4  # test images on a class card
+MAX_CLASS_CONTRASTS = 30  # class cards with a contrast figure (the most confused pairs); the rest say why not
 
 # What every reported metric measures and which direction is better (docs/method.md#metrics): report.md,
 # report.html and the evaluate CLI print these, so no number appears without its meaning.
@@ -160,6 +161,10 @@ def render_explanations(model: DinoQPM, run: Run, out: Path, *, console: Console
 
     cards = []
     rendered: dict[tuple[int, int], str] = {}
+    # A contrast figure costs about a second: with many classes (CUB: 200) only the most confused pairs get one.
+    partners = {c: most_confused(confusion, w_np, c) for c in range(len(classes))} if len(classes) > 1 else {}
+    pairs = {(min(c, o), max(c, o)): n for c, (o, n) in partners.items()}
+    drawn = set(sorted(pairs, key=lambda ab: (-pairs[ab], ab))[:MAX_CLASS_CONTRASTS])
     margin = np.sort(logits, axis=1)[:, -1] - (np.sort(logits, axis=1)[:, -2] if logits.shape[1] > 1 else 0)
     for c, name in enumerate(classes):
         own = np.flatnonzero((y == c) & (pred == c))
@@ -172,10 +177,10 @@ def render_explanations(model: DinoQPM, run: Run, out: Path, *, console: Console
                                 "test_images": int((y == c).sum()), "correct": int(confusion[c, c]),
                                 "examples": [str(ids[i]) for i in own], "examples_png": examples_png,
                                 "confused_with": None}
-        if len(classes) > 1:
-            o, n_confused = most_confused(confusion, w_np, c)
+        if partners:
+            o, n_confused = partners[c]
             a, b = min(c, o), max(c, o)
-            if (a, b) not in rendered:
+            if (a, b) in drawn and (a, b) not in rendered:
                 pair = contrast_explanation(w, classes, a=a, b=b, features=feats, labels=y, ids=ids, maps_of=maps_of)
                 pair = dataclasses.replace(pair, reason=f"most confused with each other ({n_confused} test images)")
                 rendered[(a, b)] = f"classes/contrast_{a}_{b}.png"
@@ -183,7 +188,7 @@ def render_explanations(model: DinoQPM, run: Run, out: Path, *, console: Console
             card["confused_with"] = {"class": o, "name": classes[o], "test_images": n_confused,
                                      "as_other": int(confusion[c, o]), "as_this": int(confusion[o, c]),
                                      "shared": int((w_np[c].astype(bool) & w_np[o].astype(bool)).sum()),
-                                     "contrast_png": rendered[(a, b)]}
+                                     "contrast_png": rendered.get((a, b))}
         cards.append(card)
 
     index = {"classes": list(classes), "global": glob.to_dict(), "global_png": "global.png",
