@@ -6,17 +6,22 @@ Needs only onnxruntime (or onnxruntime-gpu), numpy and pillow: this file imports
 library, so it can be copied next to the .onnx file and deployed alone. Everything it needs (class names, input size,
 the class -> feature assignment, the head's mean/std) is read from the model's `dinoqpm.*` metadata.
 
-Writes `DIR/predictions.json` and one `DIR/<image stem>.png` per image: the input, the m feature maps of the predicted
-class over it (bilinear upsampling, min-max normalised, jet colours, opacity proportional to the activation, as the
-toolkit's explanation module draws them) and all m maps combined.
+Writes `DIR/predictions.json`, `DIR/predictions.html` (a self-contained page: open it from disk, no server or network)
+and one `DIR/<image stem>.png` per image: the input, the m feature maps of the predicted class over it (bilinear
+upsampling, min-max normalised, jet colours, opacity proportional to the activation, as the toolkit's explanation
+module draws them) and all m maps combined. An image that cannot be read does not stop the batch: it is listed under
+`failed` with its reason (JSON and page), the others are predicted.
 
 Contributions: the graph's head is folded, logits = W' f + b with W'_cj = W_cj / std_j and b_c = -sum_j W'_cj mean_j
 (W binary). The bias is split over the class's features by the term each feature's standardisation put there:
 contribution_j = W'_cj f_j + b_cj with b_cj = -W'_cj mean_j, i.e. W_cj (f_j - mean_j) / std_j as in the unfolded
-model, so the m contributions add up to the logit (up to float rounding, reported as `residual`).
+model, so the m contributions add up to the logit (up to float rounding, reported as `residual`). Per feature the JSON
+gives `weight` = W_cj (the binary class-feature weight, as `python -m toolkit.explain` writes it), `folded_weight` =
+W'_cj and `bias_share` = b_cj.
 
 CUDA: `--provider cuda` fails, with the reason, when ONNX Runtime cannot run the graph on the CUDA execution provider;
-it never falls back to the CPU silently. Exit status: 0 done, 2 usage or provider error.
+it never falls back to the CPU silently. Exit status: 0 done, 1 some images could not be read (the rest were
+predicted), 2 usage or provider error.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: export/ is sys.path[0], and ex
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse  # noqa: E402
+import html  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
@@ -39,6 +45,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E40
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PREDICTIONS = "predictions.json"
+PAGE = "predictions.html"
 PREFIX = "dinoqpm."
 DISPLAY_PX = 224  # panel height, as in toolkit.explain.render
 MAX_ALPHA = 0.75  # opacity of a map at its maximum
@@ -154,11 +161,11 @@ def explain_one(logits: np.ndarray, features: np.ndarray, meta: dict[str, Any], 
     c = int(order[0])
     feats = []
     for j in meta["assignment"][c]:
-        weight = 1.0 / std[j]  # W'_cj for the binary W_cj = 1
-        bias_share = -weight * mean[j]
+        folded = 1.0 / std[j]  # W'_cj for the binary W_cj = 1
+        bias_share = -folded * mean[j]
         feats.append({"feature": int(j), "channel": int(meta["feature_ids"][j]), "activation": float(features[j]),
-                      "mean": float(mean[j]), "std": float(std[j]), "weight": float(weight),
-                      "bias_share": float(bias_share), "contribution": float(weight * features[j] + bias_share)})
+                      "mean": float(mean[j]), "std": float(std[j]), "weight": 1.0, "folded_weight": float(folded),
+                      "bias_share": float(bias_share), "contribution": float(folded * features[j] + bias_share)})
     feats.sort(key=lambda f: -f["contribution"])
     total = float(sum(f["contribution"] for f in feats))
     return {"predicted": c, "predicted_name": classes[c], "logit": float(logits[c]), "probability": float(probs[c]),
@@ -248,12 +255,78 @@ def output_names(images: Sequence[Path]) -> list[str]:
     return names
 
 
+def read_batch(paths: Sequence[Path], names: Sequence[str], failed: list[dict[str, str]]
+               ) -> tuple[list[Path], list[Image.Image], list[str]]:
+    """The readable images of a batch with their output names; each unreadable one is appended to `failed` as
+    {"image", "error"} and left out, so one bad file does not stop the others."""
+    ok: list[Path] = []
+    pictures: list[Image.Image] = []
+    ok_names: list[str] = []
+    for path, name in zip(paths, names):
+        try:
+            pictures.append(open_image(path))
+        except PredictError as e:
+            failed.append({"image": str(path), "error": str(e)})
+            continue
+        ok.append(path)
+        ok_names.append(name)
+    return ok, pictures, ok_names
+
+
+# ------------------------------------------------------------------------------------------------------------- page
+
+_PAGE_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:0 auto;padding:0 16px 24px;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 6px;font-size:13px}"
+             "th{background:#f4f4f4}.card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;margin:10px 0}"
+             ".num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}.muted{color:#666}"
+             ".failed{color:#c0392b}")
+
+
+def write_page(result: dict[str, Any], path: Path) -> Path:
+    """`predictions.html`: one card per image (its overlay PNG, top-k classes, the predicted class's feature
+    contributions) and the images that could not be read, with their reasons. Self-contained: the PNGs are files
+    beside it, no script, no network."""
+    esc = html.escape
+    preds, failed = result["predictions"], result.get("failed", [])
+    nav = "".join(f'<li><a href="#img-{i}">{esc(Path(p["image"]).name)}</a>: {esc(p["predicted_name"])} '
+                  f'(p = {p["probability"]:.3f})</li>' for i, p in enumerate(preds))
+    body = [f"<h1>DINO-QPM predictions ({len(preds)} images)</h1>",
+            f'<p class="muted">Model {esc(Path(result["model"]).name)}, {esc(str(result.get("precision")))}, input '
+            f'{result["image_size"][0]}x{result["image_size"][1]}, {esc(result["providers"][0])}. Contribution of '
+            "feature j to the logit of the predicted class c: W_cj (f_j − μ_j)/σ_j (W binary); the contributions "
+            'add up to the logit. Also in <a href="predictions.json">predictions.json</a>.</p>', f"<ul>{nav}</ul>"]
+    if failed:
+        body.append(f'<h2 id="failed" class="failed">Could not be read ({len(failed)})</h2><ul>'
+                    + "".join(f'<li class="failed">{esc(f["error"])}</li>' for f in failed)
+                    + "</ul>")
+    for i, p in enumerate(preds):
+        top = "".join(f'<tr><td>{esc(t["name"])}</td><td class="num">{t["probability"]:.3f}</td>'
+                      f'<td class="num">{t["logit"]:+.3f}</td></tr>' for t in p["top_k"])
+        feats = "".join(f'<tr><td>f{f["feature"]}</td><td class="num">{f["channel"]}</td>'
+                        f'<td class="num">{f["activation"]:.3f}</td><td class="num">{f["mean"]:.3f}</td>'
+                        f'<td class="num">{f["std"]:.3f}</td><td class="num">{f["contribution"]:+.3f}</td></tr>'
+                        for f in p["features"])
+        body.append(f'<div class="card" id="img-{i}"><h2>{esc(Path(p["image"]).name)}: {esc(p["predicted_name"])} '
+                    f'(p = {p["probability"]:.3f})</h2><p class="muted">{esc(p["image"])}; logit {p["logit"]:+.3f} = '
+                    f'sum of {len(p["features"])} contributions (residual {p["residual"]:.1e}).</p>'
+                    f'<img src="{esc(p["png"], quote=True)}" alt="{esc(p["image"], quote=True)}">'
+                    '<div style="display:flex;gap:16px;align-items:flex-start;margin-top:6px">'
+                    '<table><tr><th>class</th><th>probability</th>'
+                    f'<th>logit</th></tr>{top}</table><table><tr><th>feature</th>'
+                    "<th>channel</th><th>activation f</th><th>μ</th><th>σ</th><th>contribution</th></tr>"
+                    f"{feats}</table></div></div>")
+    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>DINO-QPM predictions</title>'
+            f"<style>{_PAGE_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
 def predict(model: Path, images: Sequence[str | Path], out: Path, *, provider: str = "cpu", top_k: int = 5,
             image_size: tuple[int, int] | None = None, batch_size: int = 8, force: bool = False) -> dict[str, Any]:
     """Run the graph on `images`, write the overlays and `out/predictions.json`, and return what was written."""
     files = collect_images(images)
     names = output_names(files)
-    existing = [str(t) for t in [out / n for n in names] + [out / PREDICTIONS] if t.exists()]
+    existing = [str(t) for t in [out / n for n in names] + [out / PREDICTIONS, out / PAGE] if t.exists()]
     if existing and not force:
         raise PredictError(f"{len(existing)} output file(s) exist already, e.g. {existing[0]}; pass --force to "
                            "overwrite them or choose another --out")
@@ -270,20 +343,25 @@ def predict(model: Path, images: Sequence[str | Path], out: Path, *, provider: s
         size = tuple(image_size)
     top_k = max(1, min(top_k, len(meta["classes"])))
     out.mkdir(parents=True, exist_ok=True)
-    predictions = []
+    predictions: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
     for start in range(0, len(files), batch_size):
-        part = files[start:start + batch_size]
-        pictures = [open_image(p) for p in part]
+        part, pictures, part_names = read_batch(files[start:start + batch_size], names[start:start + batch_size],
+                                                failed)
+        if not part:
+            continue
         batch = np.stack([to_input(p, size) for p in pictures])  # type: ignore[arg-type]
         logits, maps, features = session.run(["logits", "feature_maps", "features"], {"image": batch})
-        for b, (path, picture, name) in enumerate(zip(part, pictures, names[start:start + batch_size])):
+        for b, (path, picture, name) in enumerate(zip(part, pictures, part_names)):
             pred = {"image": str(path), **explain_one(logits[b], features[b], meta, top_k), "png": name}
             render(picture, maps[b], pred, path.name, out / name)
             predictions.append(pred)
     result = {"model": str(model), "providers": session.get_providers(), "image_size": list(size),
               "precision": meta.get("precision"), "num_images": len(files), "classes": meta["classes"],
-              "contribution_rule": meta["head"].get("contribution"), "predictions": predictions}
+              "contribution_rule": meta["head"].get("contribution"), "predictions": predictions,
+              "num_failed": len(failed), "failed": failed}
     (out / PREDICTIONS).write_text(json.dumps(result, indent=2))
+    write_page(result, out / PAGE)
     return result
 
 
@@ -308,8 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for p in result["predictions"]:
         print(f"{p['image']}: {p['predicted_name']} (p = {p['probability']:.3f}) -> {args.out / p['png']}")
-    print(f"wrote {len(result['predictions'])} PNG(s) and {args.out / PREDICTIONS} ({result['providers'][0]})")
-    return 0
+    for f in result["failed"]:
+        print(f"error: {f['error']}", file=sys.stderr)
+    print(f"wrote {len(result['predictions'])} PNG(s), {args.out / PREDICTIONS} and {args.out / PAGE} "
+          f"({result['providers'][0]})" + (f"; {len(result['failed'])} image(s) could not be read" if result["failed"]
+                                           else ""))
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,37 @@ from toolkit.stages.evaluate import evaluate_run, map_subset
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _tensorboard_scalars(folder: Path) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in a folder's event files (TFRecord framing: length, crc, event, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+            i += 12 + n + 4
+    return out
+
+
+def test_tensorboard_logger_rank0_only_and_chain(tmp_path: Path) -> None:
+    from toolkit.train.tensorboard import chain, epoch_logger
+
+    assert epoch_logger(tmp_path, is_main=False) is None
+    seen = []
+    logger = epoch_logger(tmp_path, is_main=True)
+    assert logger is not None
+    callback = chain(None, logger, lambda stage, m: seen.append((stage, m["epoch"])))
+    for epoch in (1, 2):
+        callback("dense", {"epoch": epoch, "loss": 1.0 / epoch, "seconds": 0.5})
+    assert seen == [("dense", 1), ("dense", 2)]
+    events = _tensorboard_scalars(tmp_path / "tensorboard" / "dense")
+    assert sorted(events) == [(1, "loss", 1.0), (1, "seconds", 0.5), (2, "loss", 0.5), (2, "seconds", 0.5)]
+    assert chain(None, None) is None
+
+
 def test_map_subset_is_seeded_and_capped() -> None:
     assert map_subset(5, 10, seed=1).tolist() == [0, 1, 2, 3, 4]
     a, b = map_subset(100, 7, seed=3), map_subset(100, 7, seed=3)
@@ -41,6 +73,7 @@ def test_pick_local_samples_prefers_confident_correct_then_a_mistake() -> None:
 def test_evaluate_run_on_the_tiny_pipeline(tiny_overrides: list[str], tmp_path: Path) -> None:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides)
     run_dir = run_pipeline(cfg, until="finetune").run_dir
+    assert not (run_dir / "report.html").exists()
     before = json.loads((run_dir / "metrics.json").read_text())
     metrics = evaluate_run(run_dir, max_map_images=20)
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
@@ -49,7 +82,7 @@ def test_evaluate_run_on_the_tiny_pipeline(tiny_overrides: list[str], tmp_path: 
         for key, _ in REPORTED:
             assert key in section, f"{model} lacks {key}"
         assert section["accuracy"] == before[model]["accuracy"]  # the pipeline's number is kept
-        assert len(section["per_class_accuracy"]) == cfg.data.num_classes
+        assert list(section["per_class_accuracy"]) == [f"class_{c}" for c in range(cfg.data.num_classes)]
         for key in ("class_independence", "contrastiveness", "correlation", "plausibility"):
             assert 0.0 <= section[key] <= 1.0, (model, key)
         for variant in VARIANTS:  # synthetic data has masks: every overlap variant under its own name
@@ -72,8 +105,38 @@ def test_evaluate_run_on_the_tiny_pipeline(tiny_overrides: list[str], tmp_path: 
     for name in ("linear probe", "dense", "qpm"):
         assert f"| {name} |" in report
 
-    # The global JSON is the checkpoint's W; a rerun gives an identical metrics.json.
+    # The atlas: for every feature the training images with the highest pooled activation, strongest first, from
+    # the same forward pass as the model's; the classes that use it are W's column.
+    atlas = json.loads((run_dir / "explanations" / "atlas.json").read_text())
     model, info = load_checkpoint(run_dir / "checkpoint")
+    from toolkit.explain.atlas import raw_features
+    from toolkit.runs import load_run
+
+    train = load_run(run_dir).train
+    f = raw_features(model, train)
+    assert len(atlas["features"]) == model.head.weight.shape[1] and atlas["n_images"] == len(train)
+    for card in atlas["features"]:
+        j = card["feature"]
+        acts = [e["activation"] for e in card["examples"]]
+        assert acts == sorted(acts, reverse=True) and len(acts) == min(8, len(train))
+        assert acts[0] == pytest.approx(float(f[:, j].max()), rel=1e-5)
+        assert card["used_by"] == np.flatnonzero(model.head.weight[:, j].numpy()).tolist()
+        with Image.open(run_dir / "explanations" / card["png"]) as im:
+            assert im.size == (len(acts) * 132 - 4, 128)
+    index = json.loads((run_dir / "explanations" / "index.json").read_text())
+    assert any(not e["correct"] for e in index["locals"]) or metrics["qpm"]["accuracy"] == 1.0
+    assert sorted(index["histories"]) == ["dense", "finetune", "probe"]
+    assert len(index["histories"]["dense"]) == cfg.dense.epochs
+    html = (run_dir / "report.html").read_text()
+    assert "(lower = better)" in html and 'id="f0"' in html and 'href="#class-0"' in html
+
+    # Training curves also went to TensorBoard: per stage, one scalar per logged key and epoch.
+    events = _tensorboard_scalars(run_dir / "tensorboard" / "finetune")
+    assert sorted(step for step, tag, _ in events if tag == "loss") == list(range(1, cfg.finetune.epochs + 1))
+    hist = index["histories"]["finetune"]
+    assert {(s, t): v for s, t, v in events}[(2, "train_accuracy")] == pytest.approx(hist[1]["train_accuracy"])
+
+    # The global JSON is the checkpoint's W; a rerun gives an identical metrics.json.
     glob = json.loads((run_dir / "explanations" / "global.json").read_text())
     assert np.array_equal(np.asarray(glob["weight"]), model.head.weight.numpy())
     assert glob["classes"] == info["classes"]

@@ -178,3 +178,84 @@ def test_cli_rejects_missing_and_corrupt_images(tmp_path: Path, capsys: pytest.C
     assert explain_main(["--run", str(run), "--images", str(good), "--out", str(tmp_path / "o")]) == 2
     assert "--force" in capsys.readouterr().err
     assert (tmp_path / "o" / "good.png").read_bytes() == b"keep me"
+
+
+# ------------------------------------------------------------------------------------------- atlas, report helpers
+
+
+def test_global_view_counts_the_features_really_used() -> None:
+    w = np.array([[1, 1, 0, 0], [0, 1, 1, 0]])  # column 3 is selected but no class uses it
+    expl = global_explanation(w, ["a", "b"])
+    assert expl.n_used == 3 and expl.to_dict()["n_used"] == 3
+
+
+def test_atlas_top_samples_and_class_quantiles() -> None:
+    from toolkit.explain.atlas import class_quantiles, top_samples
+
+    f = np.array([[0.1, 5.0], [0.9, 1.0], [0.5, 1.0], [0.9, 0.0]])
+    # Strongest first per column; ties keep the lower index first.
+    assert top_samples(f, 3).tolist() == [[1, 3, 2], [0, 1, 2]]
+    assert top_samples(f, 10).shape == (2, 4)
+    q = class_quantiles(np.array([1.0, 2.0, 3.0, 10.0]), np.array([0, 0, 0, 2]), 3)
+    assert q[0]["q50"] == 2.0 and q[0]["mean"] == 2.0 and q[0]["q5"] == pytest.approx(1.1)
+    assert q[1] == {} and q[2]["q95"] == 10.0
+
+
+def test_atlas_strip_shares_one_colour_range(tmp_path: Path) -> None:
+    """The strongest example is drawn hotter than a weaker one, because the tiles of one feature share a range."""
+    from toolkit.explain.atlas import TILE_PX, Atlas, AtlasExample, FeatureCard, render_atlas
+
+    grid = np.zeros((1, 3, 3), np.float32)
+    strong, weak = grid.copy(), grid.copy()
+    strong[0, 1, 1], weak[0, 1, 1] = 4.0, 1.0
+    examples = [AtlasExample(sample=s, image=f"id{s}", label=0, label_name="cat", activation=a)
+                for s, a in ((7, 4.0 / 9), (3, 1.0 / 9))]
+    card = FeatureCard(feature=0, channel=5, used_by=[0], used_by_names=["cat"], weights=[1.0], mean=0.0, std=1.0,
+                       examples=examples, per_class=[{}], png="atlas/f0.png")
+    atlas = Atlas(classes=["cat"], split="train", n_images=10, top_n=2, quantiles=[0.5], features=[card])
+    grey = Image.new("RGB", (20, 20), (128, 128, 128))
+    (path,) = render_atlas(atlas, {7: strong, 3: weak}, lambda i: grey, tmp_path)
+    with Image.open(path) as im:
+        assert im.size == (2 * TILE_PX + 4, TILE_PX)
+        arr = np.asarray(im.convert("RGB")).astype(int)
+    centre = TILE_PX // 2
+    first, second = arr[centre, centre], arr[centre, TILE_PX + 4 + centre]
+    assert abs(first - 128).sum() > abs(second - 128).sum() + 50  # the weak tile stays closer to the grey image
+
+
+def test_metric_labels_say_which_direction_is_better() -> None:
+    from toolkit.explain.report import METRIC_INFO, metric_label
+    from toolkit.metrics import REPORTED
+
+    for key, label in REPORTED:
+        assert key in METRIC_INFO, f"{key} has no definition"
+        better, what = METRIC_INFO[key]
+        assert better in ("higher", "lower") and len(what) > 20
+        assert metric_label(key, label).endswith(f"({better} = better)")
+    assert METRIC_INFO["correlation"][0] == "lower"
+
+
+def test_most_confused_and_gallery_picks() -> None:
+    from toolkit.explain.report import most_confused, pick_gallery
+
+    confusion = np.array([[5, 3, 0], [1, 6, 0], [0, 0, 4]])
+    weight = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 1]])
+    assert most_confused(confusion, weight, 0) == (1, 4)
+    # Class 2 is never confused: the tie is broken by shared features (class 0 and 1 share one each) then index.
+    assert most_confused(confusion, weight, 2) == (0, 0)
+    logits = np.array([[3.0, 0.0], [9.0, 0.0], [0.0, 2.0], [5.0, 0.0], [0.0, 8.0], [0.0, 1.0]])
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    correct, wrong = pick_gallery(logits, labels, n=2)
+    assert correct == [1, 4]  # one per class first, most confident first
+    assert wrong == [3, 5]  # most confident mistakes first
+
+
+def test_line_and_box_charts_are_svg() -> None:
+    from toolkit.explain.html import box_chart, line_chart
+
+    svg = line_chart({"loss": [1.0, 0.5, 0.25]}, title="dense: loss")
+    assert svg.startswith("<svg") and svg.count("<polyline") == 1 and "dense: loss" in svg
+    assert line_chart({"loss": []}, title="x") == ""
+    per_class = [{"q5": 0.0, "q25": 1.0, "q50": 2.0, "q75": 3.0, "q95": 4.0, "mean": 2.0}, {}]
+    box = box_chart(per_class, ["a", "b"], [0])
+    assert box.count("<rect") == 1 and "#c0392b" in box  # the user class is drawn, in red; the empty one is not

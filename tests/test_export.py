@@ -303,7 +303,8 @@ def test_predict_runs_without_torch_on_real_images(exported: dict, tmp_path: Pat
         assert len(feats) == exported["model"].head.n_per_class and len(pred["top_k"]) == 3
         total = sum(f["contribution"] for f in feats)
         assert total == pytest.approx(pred["logit"], abs=1e-5 * (1 + sum(abs(f["contribution"]) for f in feats)))
-        assert all(f["contribution"] == pytest.approx(f["weight"] * f["activation"] + f["bias_share"]) for f in feats)
+        assert all(f["contribution"] == pytest.approx(f["folded_weight"] * f["activation"] + f["bias_share"])
+                   for f in feats)
         # Same class, logit and per-feature contributions as the toolkit's own explanation of the unfolded model.
         assert pred["predicted"] == expl.predicted
         assert pred["logit"] == pytest.approx(expl.logit, abs=1e-4 * (1 + abs(expl.logit)))

@@ -7,6 +7,8 @@ not recomputed) and writes a run directory that explains itself:
     metrics.json    linear_probe / dense / qpm accuracies (+ interpretability metrics) and the QP certificate
     checkpoint/     the self-contained DINO-QPM model (safetensors + JSON)
     log.txt         what the console printed
+    tensorboard/    per-stage training curves as TensorBoard event files (rank 0, when tensorboardX is installed)
+    report.md, report.html, explanations/   the evaluation's report (toolkit.stages.evaluate)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from toolkit.stages.probe import run_probe
 from toolkit.stages.select import SelectionResult, run_selection
 from toolkit.stages.tokens import build_tokens, live_split
 from toolkit.train import Split, TrainContext, make_engine_factory
+from toolkit.train.tensorboard import chain, epoch_logger
 
 
 @dataclass
@@ -134,6 +137,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
     console.log(f"world_size={info.world_size} backend={info.backend} device={device} precision={precision} "
                 f"toolkit={__version__} run_dir={run_dir}")
     root = Path(cfg.cache.root)
+    on_epoch = chain(on_epoch, epoch_logger(run_dir, is_main=info.is_main, console=console))  # curves -> TensorBoard
     ctx = TrainContext(console=console, device=device, seed=cfg.runtime.seed, grad_accum=cfg.runtime.grad_accum,
                        make_engine=make_engine_factory(cfg.runtime, device, precision),
                        checkpoint_every=cfg.runtime.checkpoint_every, resume=cfg.runtime.resume,

@@ -1,8 +1,10 @@
 """Explanations people can look at, rendered from the model methods that make the prediction.
 
 `views`: JSON-able dataclasses and their builders (`explain_tokens` -> `LocalExplanation`, `global_explanation`,
-`contrast_explanation`); `render`: PNGs of each view; `cli`: `python -m toolkit.explain --run RUN_DIR --images
-PATH... --out DIR`.
+`contrast_explanation`); `render`: PNGs of each view; `atlas`: the feature atlas (each feature's strongest training
+images with its map, its classes, its activation per class); `report`: every view of a run into explanations/ and
+report.md; `html`: the self-contained report.html; `cli`: `python -m toolkit.explain --run RUN_DIR --images PATH...
+[--out DIR]`, which also adds the views to the run's report.html.
 """
 
 from toolkit.explain.render import (

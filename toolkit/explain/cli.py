@@ -1,14 +1,18 @@
-"""`python -m toolkit.explain --run RUN_DIR --images PATH... --out DIR`: local explanations of new images.
+"""`python -m toolkit.explain --run RUN_DIR --images PATH... [--out DIR]`: local explanations of new images.
 
 The backbone runs live on the images (no token cache), built from the run's config.yaml and preprocessed with the
 checkpoint's own mean/std, so the model sees the images exactly as it saw its training data. Writes one PNG per
-image (`render_local`) and `predictions.json`. Every image is opened and every output name checked before the
+image (`render_local`) and `predictions.json` into DIR (default RUN_DIR/explanations/added). When the run has a
+report (explanations/index.json), the views are also added to RUN_DIR/report.html (section "Added images"; PNGs
+written elsewhere are copied beside the page). Every image is opened and every output name checked before the
 backbone is built, so a bad path fails in a second, not after the model has run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from toolkit.config import load_config
 from toolkit.data import make_transform
 from toolkit.distributed import seed_everything
+from toolkit.explain.html import ADDED, write_html
 from toolkit.explain.render import render_local
 from toolkit.explain.views import explain_tokens
 from toolkit.files import write_json
@@ -127,22 +132,56 @@ def explain_images(run_dir: Path, images: Sequence[str | Path], out: Path, *, fo
     return result
 
 
+def added_dir(run_dir: Path) -> Path:
+    """Where added local views live beside the run's report.html."""
+    return Path(run_dir) / "explanations" / "added"
+
+
+def add_to_report(run_dir: Path, out: Path, result: dict[str, Any]) -> Path | None:
+    """Records `result`'s views in run_dir/explanations/added.json and rewrites report.html; None when the run has no
+    report yet. PNGs outside `added_dir` are copied in, under a free name (an earlier added view is never
+    overwritten unless it is the same file)."""
+    ex = Path(run_dir) / "explanations"
+    if not (ex / "index.json").is_file():
+        return None
+    dest = added_dir(run_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    entries = json.loads((ex / ADDED).read_text())["predictions"] if (ex / ADDED).is_file() else []
+    in_place = out.resolve() == dest.resolve()
+    for p in result["predictions"]:
+        name = p["png"]
+        if not in_place:
+            taken = {e["png"] for e in entries} | {q.name for q in dest.iterdir()}
+            stem, n = Path(name).stem, 1
+            while name in taken:
+                n += 1
+                name = f"{stem}_{n}.png"
+            shutil.copyfile(out / p["png"], dest / name)
+        entries = [e for e in entries if e["png"] != name] + [{**p, "png": name}]
+    write_json(ex / ADDED, {"predictions": entries})
+    return write_html(run_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toolkit.explain", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml, checkpoint/)")
     parser.add_argument("--images", required=True, nargs="+", help="image files or folders (searched recursively)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder for the PNGs and predictions.json")
+    parser.add_argument("--out", type=Path, help="output folder for the PNGs and predictions.json (default: "
+                        "RUN/explanations/added, beside the run's report.html)")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     args = parser.parse_args(argv)
+    out = args.out or added_dir(args.run)
     try:
-        result = explain_images(args.run, args.images, args.out, force=args.force, batch_size=args.batch_size,
+        result = explain_images(args.run, args.images, out, force=args.force, batch_size=args.batch_size,
                                 device=args.device)
+        page = add_to_report(args.run, out, result)
     except (CliError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for p in result["predictions"]:
-        print(f"{p['image']}: {p['predicted_name']} (p = {p['probability']:.3f}) -> {args.out / p['png']}")
-    print(f"wrote {len(result['predictions'])} PNG(s) and {args.out / PREDICTIONS}")
+        print(f"{p['image']}: {p['predicted_name']} (p = {p['probability']:.3f}) -> {out / p['png']}")
+    print(f"wrote {len(result['predictions'])} PNG(s) and {out / PREDICTIONS}"
+          + (f"; added them to {page}" if page else "; the run has no report.html yet (evaluate it first)"))
     return 0

@@ -24,6 +24,9 @@ PANEL_IN = 2.0  # side of one image panel, inches
 DISPLAY_PX = 224  # images are redrawn at this side so small inputs (56 px) stay legible
 MAX_ALPHA = 0.75  # opacity of a map at its maximum
 COMBINED_THRESHOLD = 0.2  # the combined overlay leaves pixels whose strongest feature is below this uncoloured
+# zlib level of every PNG written here: level 1 encodes about 3x faster than the default 6 for ~20 % larger files,
+# which is most of a report's build time on a 2-core machine.
+PNG_COMPRESSION = 1
 
 
 def display_image(image: Image.Image, size: int = DISPLAY_PX) -> np.ndarray:
@@ -145,7 +148,7 @@ def render_local(expl: LocalExplanation, image: Image.Image, path: Path) -> Path
     bars.set_xlabel(f"contribution (W·(f − μ)/σ); sum = {expl.contribution_sum:+.3f} = logit of "
                     f"{expl.predicted_name}", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESSION})
     return path
 
 
@@ -193,10 +196,12 @@ def render_global(expl: GlobalExplanation, path: Path) -> Path:
     axd.set_xticks([])
     axd.tick_params(axis="y", labelsize=6)
     axd.set_ylabel("classes", fontsize=7)
-    fig.suptitle(f"{n_classes} classes x {k} features, {expl.n_per_class} per class (red: shared features)",
+    used = expl.n_used
+    cols = f"{used} features" if used == k else f"{used} features used (of {k} columns)"
+    fig.suptitle(f"{n_classes} classes x {cols}, {expl.n_per_class} per class (red: shared features)",
                  fontsize=9, y=1 - 0.15 / height, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESSION})
     return path
 
 
@@ -253,6 +258,6 @@ def render_contrast(expl: ContrastExplanation, load_image: Callable[[int], Image
     if not cols:
         fig.text(0.5, 0.5, "the two classes use no features", ha="center")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESSION})
     return path
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from PIL import Image
 
 from toolkit.console import Console
 from toolkit.data import load_dataset
+from toolkit.explain.atlas import build_atlas, render_atlas, thumbnails
 from toolkit.explain.render import render_contrast, render_global, render_local
 from toolkit.explain.views import contrast_explanation, explain_tokens, global_explanation
 from toolkit.files import atomic_write_text, write_json
@@ -20,29 +23,106 @@ from toolkit.model import DinoQPM, SparseHead, join_tokens
 from toolkit.runs import Run
 from toolkit.train import evaluate, store_maps
 
-N_LOCAL = 3  # local views in the report
+N_LOCAL = 3  # local views in report.md
+N_GALLERY = 3  # correctly and wrongly classified test images each in report.html
+N_CLASS_EXAMPLES = 4  # test images on a class card
+MAX_CLASS_CONTRASTS = 30  # class cards with a contrast figure (the most confused pairs); the rest say why not
+
+# What every reported metric measures and which direction is better (docs/method.md#metrics): report.md,
+# report.html and the evaluate CLI print these, so no number appears without its meaning.
+METRIC_INFO: dict[str, tuple[str, str]] = {
+    "accuracy": ("higher", "share of test images whose top-1 class is right"),
+    "sid_at_5": ("higher", "spatial diversity of the predicted class's 5 feature maps on the image (1/5 .. 1)"),
+    "class_independence": ("higher", "how little any single class owns a feature's activation mass (train split)"),
+    "contrastiveness": ("higher", "how cleanly each feature separates 'off' from 'on' (1 − overlap of a 2-Gaussian "
+                        "fit; train split)"),
+    "correlation": ("lower", "redundancy: each feature's largest cosine similarity to another feature (train split)"),
+    "plausibility": ("higher", "share of the predicted class's GradCAM mass on the object (dilated mask)"),
+}
 
 
-def _test_images(run: Run, console: Console) -> Any:
-    """sample index -> PIL image of the test split, or a grey placeholder when the dataset cannot be read."""
+def metric_label(key: str, label: str) -> str:
+    """A column label that says which direction is better, e.g. "SID@5 (higher = better)"."""
+    base = label.split(" (")[0]
+    better = METRIC_INFO.get(key, ("", ""))[0]
+    return f"{base} ({better} = better)" if better else base
+
+
+def _split_images(run: Run, split: str, console: Console) -> Any:
+    """sample index -> PIL image of a cached split, or a grey placeholder when the dataset cannot be read."""
+    store = run.test if split == "test" else run.train
     try:
-        ds = load_dataset(run.cfg.data, "test")
-        if list(ds.ids) != list(run.test.meta["ids"]):
-            raise ValueError("its samples differ from the cached test split")
+        ds = load_dataset(run.cfg.data, split)
+        if list(ds.ids) != list(store.meta["ids"]):
+            raise ValueError(f"its samples differ from the cached {split} split")
         return lambda i: ds[int(i)][0]
     except (OSError, ValueError) as e:
-        console.warn(f"explanations drawn without the images (test split unreadable: {e})")
+        console.warn(f"explanations drawn without the images ({split} split unreadable: {e})")
         size = run.cfg.data.image_size
         return lambda i: Image.new("RGB", (size, size), (128, 128, 128))
 
 
+def _test_images(run: Run, console: Console) -> Any:
+    return _split_images(run, "test", console)
+
+
+def _histories(run: Run) -> dict[str, list[dict[str, float]]]:
+    """Per training stage (probe, dense, finetune) its per-epoch history, from the stage directories."""
+    out = {}
+    for stage in ("probe", "dense", "finetune"):
+        try:
+            path = run.stage_dir(stage) / "history.json"
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            out[stage] = json.loads(path.read_text())
+    return out
+
+
+def most_confused(confusion: np.ndarray, weight: np.ndarray, c: int) -> tuple[int, int]:
+    """The class that c is most often mixed up with (either direction), ties broken by shared features, then index.
+
+    Returns:
+        (other class, test images confused between them).
+    """
+    both = confusion[c] + confusion[:, c]
+    shared = (weight.astype(bool) & weight[c].astype(bool)).sum(axis=1)
+    others = [o for o in range(len(both)) if o != c]
+    o = max(others, key=lambda o: (int(both[o]), int(shared[o]), -o))
+    return o, int(both[o])
+
+
+def pick_gallery(logits: np.ndarray, labels: np.ndarray, n: int = N_GALLERY) -> tuple[list[int], list[int]]:
+    """Test images for the page's local views: the n most confident correct ones (one per class first) and the n
+    most confident mistakes."""
+    pred = logits.argmax(1)
+    srt = np.sort(logits, axis=1)
+    margin = srt[:, -1] - (srt[:, -2] if logits.shape[1] > 1 else 0)
+    good = np.flatnonzero(pred == labels)
+    good = good[np.argsort(-margin[good], kind="stable")]
+    correct: list[int] = []
+    for i in good:  # distinct classes first, then the rest
+        if labels[i] not in {labels[j] for j in correct} and len(correct) < n:
+            correct.append(int(i))
+    correct += [int(i) for i in good if int(i) not in correct][:n - len(correct)]
+    wrong = np.flatnonzero(pred != labels)
+    wrong = wrong[np.argsort(-margin[wrong], kind="stable")]
+    return correct, [int(i) for i in wrong[:n]]
+
+
 def render_explanations(model: DinoQPM, run: Run, out: Path, *, console: Console) -> dict[str, Any]:
-    """Global, contrast and local views of the QPM model on the cached test split, as PNG + JSON in `out`."""
+    """Every view of the QPM model as PNG + JSON in `out`, and `out/index.json`, which `html.write_html` reads.
+
+    Global view, default contrast, local views (report.md's three, plus the most confident correct and wrong test
+    images), the feature atlas on the train split, and one card per class with its example test images and a
+    contrast with the class it is most confused with.
+    """
     assert isinstance(model.head, SparseHead)
     out.mkdir(parents=True, exist_ok=True)
     store, classes = run.test, run.test.classes
     image_of = _test_images(run, console)
     w = model.head.weight
+    w_np = w.detach().cpu().numpy()
     glob = global_explanation(w.cpu(), classes, selection=model.head.selection.tolist())
     render_global(glob, out / "global.png")
     write_json(out / "global.json", glob.to_dict())
@@ -56,21 +136,70 @@ def render_explanations(model: DinoQPM, run: Run, out: Path, *, console: Console
     # Raw pooled activations pick the examples: f = z σ + μ is monotone in z, so the same image wins.
     feats = z * model.head.std.clamp_min(1e-6).cpu().numpy() + model.head.mean.cpu().numpy()
     ids = store.meta["ids"]
+    maps_of = lambda idx: store_maps(model, store, np.asarray(idx))  # noqa: E731
     contrast = contrast_explanation(w, classes, confusion=confusion, features=feats, labels=y, ids=ids,
-                                    maps_of=lambda idx: store_maps(model, store, np.asarray(idx)))
+                                    maps_of=maps_of)
     render_contrast(contrast, image_of, out / "contrast.png")
     write_json(out / "contrast.json", contrast.to_dict())
 
-    locals_ = []
-    for i in pick_local_samples(logits, y, (contrast.class_a, contrast.class_b)):
+    locals_: list[dict[str, Any]] = []
+    correct, wrong = pick_gallery(logits, y)
+    picks = pick_local_samples(logits, y, (contrast.class_a, contrast.class_b))
+    for i in [*picks, *[s for s in [*correct, *wrong] if s not in picks]]:
         tokens = join_tokens(torch.from_numpy(np.asarray(store.patch[[i]], dtype=np.float32)),
                              torch.from_numpy(np.asarray(store.cls[[i]], dtype=np.float32)))
         expl = explain_tokens(model, tokens, classes=classes, images=[ids[i]], labels=[int(y[i])])[0]
         name = f"local_{len(locals_)}"
         render_local(expl, image_of(i), out / f"{name}.png")
         write_json(out / f"{name}.json", expl.to_dict())
-        locals_.append({"png": f"{name}.png", "sample": int(i), "explanation": expl})
-    return {"global": glob, "contrast": contrast, "locals": locals_}
+        locals_.append({"png": f"{name}.png", "sample": int(i), "explanation": expl,
+                        "correct": bool(pred[i] == y[i]), "in_report_md": i in picks})
+
+    atlas, atlas_maps = build_atlas(model, run.train, split="train")
+    render_atlas(atlas, atlas_maps, _split_images(run, "train", console), out)
+    write_json(out / "atlas.json", atlas.to_dict())
+
+    cards = []
+    rendered: dict[tuple[int, int], str] = {}
+    # A contrast figure costs about a second: with many classes (CUB: 200) only the most confused pairs get one.
+    partners = {c: most_confused(confusion, w_np, c) for c in range(len(classes))} if len(classes) > 1 else {}
+    pairs = {(min(c, o), max(c, o)): n for c, (o, n) in partners.items()}
+    drawn = set(sorted(pairs, key=lambda ab: (-pairs[ab], ab))[:MAX_CLASS_CONTRASTS])
+    margin = np.sort(logits, axis=1)[:, -1] - (np.sort(logits, axis=1)[:, -2] if logits.shape[1] > 1 else 0)
+    for c, name in enumerate(classes):
+        own = np.flatnonzero((y == c) & (pred == c))
+        own = own[np.argsort(-margin[own], kind="stable")][:N_CLASS_EXAMPLES]
+        examples_png = None
+        if own.size:
+            examples_png = f"classes/class_{c}.png"
+            thumbnails([image_of(i) for i in own], out / examples_png)
+        card: dict[str, Any] = {"class": c, "name": name, "features": np.flatnonzero(w_np[c]).tolist(),
+                                "test_images": int((y == c).sum()), "correct": int(confusion[c, c]),
+                                "examples": [str(ids[i]) for i in own], "examples_png": examples_png,
+                                "confused_with": None}
+        if partners:
+            o, n_confused = partners[c]
+            a, b = min(c, o), max(c, o)
+            if (a, b) in drawn and (a, b) not in rendered:
+                pair = contrast_explanation(w, classes, a=a, b=b, features=feats, labels=y, ids=ids, maps_of=maps_of)
+                pair = dataclasses.replace(pair, reason=f"most confused with each other ({n_confused} test images)")
+                rendered[(a, b)] = f"classes/contrast_{a}_{b}.png"
+                render_contrast(pair, image_of, out / rendered[(a, b)])
+            card["confused_with"] = {"class": o, "name": classes[o], "test_images": n_confused,
+                                     "as_other": int(confusion[c, o]), "as_this": int(confusion[o, c]),
+                                     "shared": int((w_np[c].astype(bool) & w_np[o].astype(bool)).sum()),
+                                     "contrast_png": rendered.get((a, b))}
+        cards.append(card)
+
+    index = {"classes": list(classes), "global": glob.to_dict(), "global_png": "global.png",
+             "contrast": {**contrast.to_dict(), "png": "contrast.png", "examples": None},
+             "confusion": confusion.tolist(), "class_cards": cards, "atlas": "atlas.json",
+             "locals": [{"png": x["png"], "json": x["png"].replace(".png", ".json"), "sample": x["sample"],
+                         "correct": x["correct"], **x["explanation"].to_dict(maps=False)} for x in locals_],
+             "histories": _histories(run)}
+    write_json(out / "index.json", index)
+    return {"global": glob, "contrast": contrast, "locals": [x for x in locals_ if x["in_report_md"]],
+            "atlas": atlas, "index": index}
 
 
 def pick_local_samples(logits: np.ndarray, labels: np.ndarray, classes: Sequence[int]) -> list[int]:
@@ -107,7 +236,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any], views: dict[str, Any]) 
                 f"{ev['map_images']} of them (seeded draw, seed {ev['map_images_seed']}); ")
              + "class independence, "
              f"contrastiveness and correlation on the {ev['train_images']} train images. Values in %.", "",
-             "| model | " + " | ".join(label for _, label in REPORTED) + " |",
+             "| model | " + " | ".join(metric_label(k, label) for k, label in REPORTED) + " |",
              "|---" * (len(REPORTED) + 1) + "|"]
     for name in MODELS:
         sec = metrics.get(name, {})
@@ -123,8 +252,12 @@ def write_report(run_dir: Path, metrics: dict[str, Any], views: dict[str, Any]) 
               "are a baseline only. Plausibility is the dilated GradCAM-mass overlap (binary W for QPM); "
               + ("the other overlap variants are in metrics.json." if ev["masks"] else
                  "this dataset has no object masks."), "",
-              f"## Global view: {len(glob.classes)} classes x {len(glob.selection)} features, {glob.n_per_class} "
-              "per class", "", "![global view](explanations/global.png)", ""]
+              "Metrics: " + "; ".join(f"{label.split(' (')[0]}: {METRIC_INFO[k][1]} ({METRIC_INFO[k][0]} = better)"
+                                      for k, label in REPORTED if k in METRIC_INFO) + ".", "",
+              f"## Global view: {len(glob.classes)} classes x {glob.n_used} features used, {glob.n_per_class} "
+              "per class", "", "![global view](explanations/global.png)", "",
+              "The browsable report, with a card per feature (its strongest training images) and per class: "
+              "[report.html](report.html).", ""]
     if views["locals"]:
         first = views["locals"][0]
         e = first["explanation"]

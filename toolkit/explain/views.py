@@ -219,6 +219,11 @@ class GlobalExplanation:
     n_per_class: int
 
     @property
+    def n_used(self) -> int:
+        """Features that at least one class uses (columns of W that are not all zero)."""
+        return int(sum(d > 0 for d in self.degree))
+
+    @property
     def degree(self) -> list[int]:
         """How many classes use each feature, shape (k,)."""
         return np.asarray(self.weight).sum(axis=0).astype(int).tolist()
@@ -231,7 +236,8 @@ class GlobalExplanation:
         """JSON-able dict with the matrix, the display order, feature degrees and the most-sharing class pairs."""
         pairs = [{"classes": [self.classes[a], self.classes[b]], "indices": [a, b], "shared": n}
                  for a, b, n in shared_pairs(self.weight)[:top_pairs]]
-        return {**asdict(self), "degree": self.degree, "assignment": self.assignment(), "shared_pairs": pairs}
+        return {**asdict(self), "degree": self.degree, "n_used": self.n_used, "assignment": self.assignment(),
+                "shared_pairs": pairs}
 
 
 def global_explanation(weight: Any, classes: Sequence[str], selection: Sequence[int] | None = None

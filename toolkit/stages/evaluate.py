@@ -1,4 +1,5 @@
-"""Evaluation of a finished run: the interpretability metrics of its three models, explanations and report.md.
+"""Evaluation of a finished run: the interpretability metrics of its three models, explanations, report.md and
+report.html.
 
 `evaluate_run(run_dir)` reads what the pipeline wrote (config.yaml, manifest.json -> token stores, probe and dense
 checkpoints; checkpoint/ = the DINO-QPM model), runs the models on the cached tokens (no backbone) and computes
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,8 @@ import torch
 from toolkit.cache import TokenStore
 from toolkit.console import Console
 from toolkit.distributed import resolve_device
-from toolkit.explain.report import format_metric, render_explanations, write_report
+from toolkit.explain.html import write_html
+from toolkit.explain.report import format_metric, metric_label, render_explanations, write_report
 from toolkit.files import write_json
 from toolkit.metrics import MODELS, REPORTED, SID_K, accuracy, compute_all, per_class_accuracy
 from toolkit.model import DinoQPM, LinearProbe, load_checkpoint
@@ -87,8 +90,9 @@ def evaluate_model(model: torch.nn.Module, run: Run, keep: np.ndarray) -> dict[s
                       head_weight=head_weight(model), masks=None if masks is None else masks[keep], k=SID_K,
                       seed=run.cfg.runtime.seed, feature_labels=run.train.labels)
     out["accuracy"] = accuracy(logits, y)
-    out["per_class_accuracy"] = [None if np.isnan(a) else float(a)
-                                 for a in per_class_accuracy(logits, y, n_classes=logits.shape[1])]
+    # Keyed by class name (null for a class without test images), so nobody has to know the label order.
+    out["per_class_accuracy"] = {name: None if np.isnan(a) else float(a) for name, a in
+                                 zip(run.test.classes, per_class_accuracy(logits, y, n_classes=logits.shape[1]))}
     for key, _ in REPORTED:
         out.setdefault(key, None)
     return out
@@ -138,8 +142,11 @@ def evaluate_run(run_dir: Path, *, max_map_images: int = 1000, console: Console 
     write_json(run_dir / "metrics.json", metrics)
     qpm = models["qpm"]
     assert isinstance(qpm, DinoQPM)
+    t0 = time.perf_counter()
     views = render_explanations(qpm, run, run_dir / "explanations", console=console)
     write_report(run_dir, metrics, views)
+    write_html(run_dir)
+    console.log(f"evaluate: report.md and report.html written in {time.perf_counter() - t0:.1f}s")
     return metrics
 
 
@@ -155,9 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.run / 'metrics.json'}, {args.run / 'report.md'} and {args.run / 'explanations'}/")
+    print(f"wrote {args.run / 'metrics.json'}, {args.run / 'report.md'}, {args.run / 'report.html'} and "
+          f"{args.run / 'explanations'}/")
     for name in MODELS:
-        print(f"  {name}: " + ", ".join(f"{label}={format_metric(metrics[name].get(k))}" for k, label in REPORTED))
+        print(f"  {name}: " + ", ".join(f"{metric_label(k, label)}={format_metric(metrics[name].get(k))}"
+                                        for k, label in REPORTED))
     return 0
 
 
