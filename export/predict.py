@@ -15,6 +15,10 @@ Contributions: the graph's head is folded, logits = W' f + b with W'_cj = W_cj /
 contribution_j = W'_cj f_j + b_cj with b_cj = -W'_cj mean_j, i.e. W_cj (f_j - mean_j) / std_j as in the unfolded
 model, so the m contributions add up to the logit (up to float rounding, reported as `residual`).
 
+Precision: fp32, fp16 and int8 graphs run alike (float32 in and out). For an int8 graph, `predictions.json` also
+carries `fidelity`: the numbers its export gate measured against the fp32 graph on held-out images (top-1 agreement,
+feature-map correlation, contribution rank agreement, accuracy), so a reader knows how far the maps can be trusted.
+
 CUDA: `--provider cuda` fails, with the reason, when ONNX Runtime cannot run the graph on the CUDA execution provider;
 it never falls back to the CPU silently. Exit status: 0 done, 2 usage or provider error.
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: export/ is sys.path[0], and export/onnx.py would shadow `onnx`
+if __package__ in (None, ""):  # run as a script: keep export/ off sys.path, this file must stand alone
     _HERE = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
@@ -91,7 +95,7 @@ def read_metadata(session: ort.InferenceSession) -> dict[str, Any]:
     meta = {k.removeprefix(PREFIX): json.loads(v) for k, v in raw.items() if k.startswith(PREFIX)}
     missing = [k for k in ("classes", "assignment", "image_size", "head", "feature_ids") if k not in meta]
     if missing:
-        raise PredictError(f"the model lacks the dinoqpm metadata {missing}; export it with export/onnx.py")
+        raise PredictError(f"the model lacks the dinoqpm metadata {missing}; export it with export/to_onnx.py")
     return meta
 
 
@@ -282,14 +286,22 @@ def predict(model: Path, images: Sequence[str | Path], out: Path, *, provider: s
             predictions.append(pred)
     result = {"model": str(model), "providers": session.get_providers(), "image_size": list(size),
               "precision": meta.get("precision"), "num_images": len(files), "classes": meta["classes"],
+              **({"fidelity": _fidelity(meta["int8_gate"])} if "int8_gate" in meta else {}),
               "contribution_rule": meta["head"].get("contribution"), "predictions": predictions}
     (out / PREDICTIONS).write_text(json.dumps(result, indent=2))
     return result
 
 
+def _fidelity(gate: dict[str, Any]) -> dict[str, Any]:
+    """The int8 gate's headline numbers (vs the fp32 graph), from the `dinoqpm.int8_gate` metadata."""
+    keys = ("passed", "forced", "n_images", "top1_agreement", "min_map_correlation", "mean_map_correlation",
+            "rank_agreement", "accuracy_fp32", "accuracy_int8")
+    return {k: gate.get(k) for k in keys}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python export/predict.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, type=Path, help="the .onnx file written by export/onnx.py")
+    parser.add_argument("--model", required=True, type=Path, help="the .onnx file written by export/to_onnx.py")
     parser.add_argument("--images", required=True, nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the PNGs and predictions.json")
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
@@ -308,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for p in result["predictions"]:
         print(f"{p['image']}: {p['predicted_name']} (p = {p['probability']:.3f}) -> {args.out / p['png']}")
-    print(f"wrote {len(result['predictions'])} PNG(s) and {args.out / PREDICTIONS} ({result['providers'][0]})")
+    print(f"wrote {len(result['predictions'])} PNG(s) and {args.out / PREDICTIONS} ({result['providers'][0]}, "
+          f"{result['precision']})")
     return 0
 
 
