@@ -58,9 +58,11 @@ RECIPES: list[dict[str, Any]] = [
     dict(mode="dynamic", per_channel=True),
     dict(mode="dynamic", per_channel=True, preprocess=True),
     dict(mode="dynamic", per_channel=True, keep_fp32=("qpm.adapter.*",)),
+    dict(mode="dynamic", per_channel=True, keep_fp32=("vit.blocks.0.*",)),
     dict(mode="dynamic", per_channel=True, keep_fp32=("vit.blocks.*.mlp.fc2",)),
-    dict(mode="dynamic", per_channel=True, keep_fp32=("vit.blocks.0.*", "vit.blocks.11.*")),
+    dict(mode="dynamic", per_channel=True, keep_fp32=("vit.blocks.*.attn.qkv", "vit.blocks.*.mlp.fc1")),
     dict(mode="static", per_channel=True, calibration_images=64),
+    dict(mode="blockwise", block_size=32, keep_fp32=("vit.blocks.0.*", "qpm.adapter.*")),
 ]
 
 

@@ -184,7 +184,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, opset: int | None = None
     knobs.update(int8_overrides or {})
     recipe = Int8Recipe(mode=knobs["mode"], per_channel=knobs["per_channel"],
                         keep_fp32=Int8Recipe.parse_keep_fp32(knobs["keep_fp32"]), preprocess=knobs["preprocess"],
-                        calibration_images=knobs["calibration_images"])
+                        calibration_images=knobs["calibration_images"], block_size=knobs["block_size"])
     thresholds = Int8Thresholds(min_top1_agreement=knobs["min_top1_agreement"],
                                 min_map_correlation=knobs["min_map_correlation"],
                                 min_rank_agreement=knobs["min_rank_agreement"],

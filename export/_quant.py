@@ -2,8 +2,11 @@
 
 Quantisation (`quantize_int8`) uses ONNX Runtime's own quantiser on the fp32 graph that already passed the parity
 gate. What is quantised and how is an `Int8Recipe` (config `export.int8_*`):
-    mode         "dynamic": int8 weights, activations quantised per call from their own range (MatMulInteger
-                 kernels); "static": QDQ with activation ranges calibrated on images of the run's training split.
+    mode         "dynamic": int8 weights, activations quantised per call from their own range, one scale per tensor
+                 (MatMulInteger kernels); "static": QDQ with activation ranges calibrated on images of the run's
+                 training split; "blockwise": int8 weights with one scale per block of `block_size` inputs, and
+                 activations quantised per block of the same size inside the kernel (MatMulNBits, 8 bits,
+                 accuracy_level 4): finer scales, so closer to fp32, but ONNX Runtime's 8-bit kernel is slower.
     per_channel  one weight scale per output channel instead of one per tensor.
     keep_fp32    module-name globs (as in the torch model: `vit.blocks.11.mlp.fc2`, `qpm.adapter.linears.2`) whose
                  MatMuls stay float32; the exporter records each node's module in `pkg.torch.onnx.name_scopes`.
@@ -51,15 +54,17 @@ class QuantisationError(ValueError):
 class Int8Recipe:
     """How the fp32 graph is quantised (module docstring)."""
 
-    mode: Literal["dynamic", "static"] = "dynamic"
+    mode: Literal["dynamic", "static", "blockwise"] = "dynamic"
     per_channel: bool = True
     keep_fp32: tuple[str, ...] = ()
     preprocess: bool = False
     calibration_images: int = 64  # static only
     calibrate_method: Literal["minmax", "percentile", "entropy"] = "minmax"  # static only
+    block_size: int = 32  # blockwise only
 
     def label(self) -> str:
-        parts = [self.mode, "per-channel" if self.per_channel else "per-tensor"]
+        parts = [self.mode, f"blocks of {self.block_size}" if self.mode == "blockwise" else
+                 "per-channel" if self.per_channel else "per-tensor"]
         if self.mode == "static":
             parts.append(f"{self.calibrate_method} on {self.calibration_images} train images")
         if self.preprocess:
@@ -98,6 +103,8 @@ class Int8Fidelity:
     same_top_feature: float  # share of images whose most contributing feature is the same
     accuracy_fp32: float | None  # None without labels
     accuracy_int8: float | None
+    flip_max_margin: float | None  # largest fp32 top-1 minus top-2 logit among the images that change class
+    median_margin: float  # the same margin's median over all images, for scale
     thresholds: Int8Thresholds
     failures: list[str] = field(default_factory=list)
 
@@ -121,7 +128,10 @@ class Int8Fidelity:
                f"{100 * self.accuracy_drop:+.2f} points, max {100 * t.max_accuracy_drop:g})")
         out = [f"int8 fidelity gate vs fp32, {self.n_images} held-out images ({self.source}): "
                f"{'PASSED' if self.passed else 'FAILED'}",
-               f"  top-1 agreement {100 * self.top1_agreement:.2f} % (min {100 * t.min_top1_agreement:g} %)",
+               f"  top-1 agreement {100 * self.top1_agreement:.2f} % (min {100 * t.min_top1_agreement:g} %)" + (
+                   "" if self.flip_max_margin is None else
+                   f"; the images that change class have fp32 top-2 logit margins <= {self.flip_max_margin:.3f} "
+                   f"(median margin {self.median_margin:.2f})"),
                f"  feature-map correlation per image: min {self.min_map_correlation:.4f} (min "
                f"{t.min_map_correlation:g}), 5th pct {self.p05_map_correlation:.4f}, mean "
                f"{self.mean_map_correlation:.4f}",
@@ -188,12 +198,24 @@ class _ImageReader:
         return 0
 
 
-def _quantise_file(proto: onnx.ModelProto, recipe: Int8Recipe, exclude: list[str],
+def _nbits_quantizer() -> type:
+    """`MatMulNBitsQuantizer`, imported without the `logging.basicConfig(level=INFO)` its module runs on import."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return MatMulNBitsQuantizer
+
+
+def _quantise_file(proto: onnx.ModelProto, recipe: Int8Recipe, include: list[str],
                    calibration: np.ndarray | None) -> onnx.ModelProto:
     """ONNX Runtime's quantiser works on files: write, (pre-process,) quantise, read back."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    MatMulNBitsQuantizer = _nbits_quantizer()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -202,9 +224,14 @@ def _quantise_file(proto: onnx.ModelProto, recipe: Int8Recipe, exclude: list[str
             pre = Path(tmp) / "pre.onnx"
             quant_pre_process(str(src), str(pre), skip_optimization=True)
             src = pre
+        if recipe.mode == "blockwise":
+            quantizer = MatMulNBitsQuantizer(str(src), bits=8, block_size=recipe.block_size, is_symmetric=True,
+                                             accuracy_level=4, nodes_to_include=include)
+            quantizer.process()
+            return quantizer.model.model
         if recipe.mode == "dynamic":
             quantize_dynamic(src, dst, op_types_to_quantize=list(QUANTISED_OPS), per_channel=recipe.per_channel,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                             weight_type=QuantType.QInt8, nodes_to_quantize=include,
                              extra_options={"MatMulConstBOnly": True})
         else:
             method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -212,7 +239,7 @@ def _quantise_file(proto: onnx.ModelProto, recipe: Int8Recipe, exclude: list[str
             quantize_static(src, dst, _ImageReader(np.asarray(calibration, dtype=np.float32)),
                             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTISED_OPS),
                             per_channel=recipe.per_channel, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
+                            weight_type=QuantType.QInt8, nodes_to_quantize=include, calibrate_method=method,
                             extra_options={"MatMulConstBOnly": True})
         return onnx.load(str(dst))
 
@@ -233,14 +260,24 @@ def quantize_int8(fp32: onnx.ModelProto | str | Path, recipe: Int8Recipe, *,
     if recipe.mode == "static" and (calibration is None or not len(calibration)):
         raise QuantisationError("static int8 needs calibration images (the run's training split could not be read); "
                                 "use export.int8_mode=dynamic")
-    exclude = excluded_nodes(proto, recipe.keep_fp32) + always_fp32_nodes(proto)
-    quiet = logging.getLogger()  # the quantiser logs "consider pre-processing" on the root logger at WARNING
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # An explicit allow-list: ONNX Runtime rewrites the head's Gemm into a renamed MatMul, which an exclude-list would
+    # miss, and the head must stay fp32 so that the contributions predict.py computes still add up to the logit.
+    skip = set(excluded_nodes(proto, recipe.keep_fp32)) | set(always_fp32_nodes(proto))
+    include = [name for name, _ in weight_matmuls(proto) if name not in skip]
+    # The quantisers log "consider pre-processing" and per-tensor notes (root logger), and one INFO line per node
+    # (MatMulNBits); the exporter prints its own summary.
+    _nbits_quantizer()  # before the levels are saved: importing it configures the root logger
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    handlers = list(loggers[0].handlers)  # module-level logging.warning() would add a stderr handler to the root
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
-        out = _quantise_file(proto, recipe, exclude, calibration)
+        out = _quantise_file(proto, recipe, include, calibration)
     finally:
-        quiet.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        loggers[0].handlers[:] = handlers
     del out.metadata_props[:]
     out.metadata_props.extend(proto.metadata_props)
     out.doc_string = proto.doc_string
@@ -255,7 +292,7 @@ def recipe_metadata(recipe: Int8Recipe, proto: onnx.ModelProto, fp32: onnx.Model
     return {"recipe": {**asdict(recipe), "keep_fp32": list(recipe.keep_fp32)}, "label": recipe.label(),
             "weight_matmuls": len(total), "quantised": len(total) - len(kept),
             "kept_fp32_modules": sorted({m for name, m in total if name in kept and m}) + list(ALWAYS_FP32),
-            "quantised_ops": sorted(ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
+            "quantised_ops": sorted(ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulNBits",
                                            "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}),
             "weights": "int8 (QInt8, symmetric)", "onnxruntime": ort.__version__}
 
@@ -313,6 +350,9 @@ def measure_fidelity(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], met
     """
     n = len(ref["logits"])
     pred_ref, pred_got = ref["logits"].argmax(1), got["logits"].argmax(1)
+    top2 = np.sort(ref["logits"].astype(np.float64), axis=1)[:, -2:]
+    margins = top2[:, 1] - top2[:, 0] if top2.shape[1] == 2 else np.zeros(n)
+    flipped = pred_ref != pred_got
     maps_ref = ref["feature_maps"].reshape(n, -1).astype(np.float64)
     maps_got = got["feature_maps"].reshape(n, -1).astype(np.float64)
     corr = np.array([_pearson(a, b) for a, b in zip(maps_got, maps_ref)])
@@ -331,7 +371,9 @@ def measure_fidelity(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], met
                        min_map_correlation=float(corr.min()), mean_map_correlation=float(corr.mean()),
                        p05_map_correlation=float(np.percentile(corr, 5)), rank_agreement=float(np.mean(spearman)),
                        same_ranking=float(np.mean(same_order)), same_top_feature=float(np.mean(same_top)),
-                       accuracy_fp32=acc_ref, accuracy_int8=acc_got, thresholds=thresholds)
+                       accuracy_fp32=acc_ref, accuracy_int8=acc_got,
+                       flip_max_margin=float(margins[flipped].max()) if flipped.any() else None,
+                       median_margin=float(np.median(margins)), thresholds=thresholds)
     t, fails = thresholds, []
     if not fid.top1_agreement >= t.min_top1_agreement:  # `not >=` also catches NaN
         fails.append(f"top-1 agreement {100 * fid.top1_agreement:.2f} % < {100 * t.min_top1_agreement:g} % "

@@ -287,11 +287,13 @@ def test_int8_export_passes_its_gate_and_agrees_with_torch(exported: dict, expor
     # Really quantised: int8 weight initializers and integer MatMuls; the (C, k) head stays float32.
     proto = onnx.load(str(out))
     ops = [n.op_type for n in proto.graph.node]
-    assert "MatMulInteger" in ops and recipe["quantised"] == recipe["weight_matmuls"] > 0
+    # The default recipe keeps ViT block 0 and the adapter in fp32 (tiny: 4 + 2 of 10 weight MatMuls).
+    assert ops.count("MatMulInteger") == recipe["quantised"] == 4 and recipe["weight_matmuls"] == 10
+    assert {"vit.blocks.0.mlp.fc2", "qpm.adapter.linears.1"} <= set(recipe["kept_fp32_modules"])
     assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer)
     head = [t for t in proto.graph.initializer if t.name.startswith("qpm.head.linear")]
     assert head and all(t.data_type == onnx.TensorProto.FLOAT for t in head)
-    assert out.stat().st_size < 0.8 * exported["out"].stat().st_size
+    assert out.stat().st_size < 0.85 * exported["out"].stat().st_size
     # The recorded numbers, recomputed independently: the test split through the toolkit's transform and the
     # unfolded torch model on one side, the int8 file under ONNX Runtime on the other.
     cfg, info = exported["cfg"], exported["info"]

@@ -178,13 +178,14 @@ class ExportConfig:
     parity_tolerance: float = 1e-4  # fp32 gate: max |ORT - torch| relative to max |torch|
     # int8 (export/_quant.py): recipe chosen by measurement, see BENCHMARKS.md "int8".
     int8: bool = False
-    int8_mode: Literal["dynamic", "static"] = "dynamic"  # static: QDQ, calibrated on the run's training split
+    int8_mode: Literal["dynamic", "static", "blockwise"] = "dynamic"  # static: calibrated on the training split
     int8_per_channel: bool = True
-    int8_keep_fp32: str = ""  # comma-separated globs of torch module names whose MatMuls stay fp32
+    int8_keep_fp32: str = "vit.blocks.0.*, qpm.adapter.*"  # comma-separated torch module globs kept fp32
     int8_preprocess: bool = False  # onnxruntime quant_pre_process (shape inference) before quantising
     int8_calibration_images: int = 64  # static mode only
+    int8_block_size: int = 32  # blockwise mode only (a power of two >= 16)
     int8_gate_images: int = 300  # held-out (test split) images of the int8 fidelity gate
-    int8_min_top1_agreement: float = 0.99
+    int8_min_top1_agreement: float = 0.98  # flips are near-ties of the fp32 logits (BENCHMARKS.md)
     int8_min_map_correlation: float = 0.95  # on every gate image
     int8_min_rank_agreement: float = 0.9  # mean Spearman of the m contributions of the predicted class
     int8_max_accuracy_drop: float = 0.01  # 1 point
@@ -195,6 +196,8 @@ class ExportConfig:
         _check(self.int8_gate_images >= 1, "export.int8_gate_images", f"must be >= 1, got {self.int8_gate_images}")
         _check(self.int8_calibration_images >= 1, "export.int8_calibration_images",
                f"must be >= 1, got {self.int8_calibration_images}")
+        bs = self.int8_block_size
+        _check(bs >= 16 and bs & (bs - 1) == 0, "export.int8_block_size", f"must be a power of two >= 16, got {bs}")
 
 
 @dataclass(frozen=True)
