@@ -182,13 +182,17 @@ def export_run(run_dir: str | Path, out: str | Path, *, opset: int | None = None
     if unknown:
         raise ExportError(f"unknown int8 option(s) {unknown}; known: {sorted(knobs)}")
     knobs.update(int8_overrides or {})
-    recipe = Int8Recipe(mode=knobs["mode"], per_channel=knobs["per_channel"],
-                        keep_fp32=Int8Recipe.parse_keep_fp32(knobs["keep_fp32"]), preprocess=knobs["preprocess"],
-                        calibration_images=knobs["calibration_images"], block_size=knobs["block_size"])
-    thresholds = Int8Thresholds(min_top1_agreement=knobs["min_top1_agreement"],
-                                min_map_correlation=knobs["min_map_correlation"],
-                                min_rank_agreement=knobs["min_rank_agreement"],
-                                max_accuracy_drop=knobs["max_accuracy_drop"])
+    try:  # the config's own checks, plus the recipe's (mode names, value types)
+        dataclasses.replace(ecfg, **{"int8_" + k: v for k, v in knobs.items()})
+        recipe = Int8Recipe(mode=knobs["mode"], per_channel=knobs["per_channel"],
+                            keep_fp32=Int8Recipe.parse_keep_fp32(knobs["keep_fp32"]), preprocess=knobs["preprocess"],
+                            calibration_images=knobs["calibration_images"], block_size=knobs["block_size"])
+        thresholds = Int8Thresholds(min_top1_agreement=knobs["min_top1_agreement"],
+                                    min_map_correlation=knobs["min_map_correlation"],
+                                    min_rank_agreement=knobs["min_rank_agreement"],
+                                    max_accuracy_drop=knobs["max_accuracy_drop"])
+    except ValueError as e:
+        raise ExportError(f"int8 option: {e}") from e
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
     tolerance = ecfg.parity_tolerance if tolerance is None else tolerance
     train_size = int(info["image_size"])

@@ -62,6 +62,15 @@ class Int8Recipe:
     calibrate_method: Literal["minmax", "percentile", "entropy"] = "minmax"  # static only
     block_size: int = 32  # blockwise only
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("dynamic", "static", "blockwise"):
+            raise ValueError(f"mode must be dynamic, static or blockwise, got {self.mode!r}")
+        if self.calibrate_method not in ("minmax", "percentile", "entropy"):
+            raise ValueError(f"calibrate_method must be minmax, percentile or entropy, got {self.calibrate_method!r}")
+        for name in ("per_channel", "preprocess"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
     def label(self) -> str:
         parts = [self.mode, f"blocks of {self.block_size}" if self.mode == "blockwise" else
                  "per-channel" if self.per_channel else "per-tensor"]
@@ -86,6 +95,11 @@ class Int8Thresholds:
     min_map_correlation: float = 0.95  # every image
     min_rank_agreement: float = 0.9  # mean over images of the Spearman correlation of the m contributions
     max_accuracy_drop: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [-1, 1], got {value!r}")
 
 
 @dataclass(frozen=True)

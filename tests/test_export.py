@@ -339,6 +339,10 @@ def test_int8_rejects_unknown_modules_and_options(exported: dict) -> None:
         rc = export_main(["--run", str(exported["run"]), "--out", str(exported["tmp"] / "x.onnx"), "--int8",
                           "--int8-option", "min_top1=1"])
     assert rc == 2 and "unknown int8 option(s) ['min_top1']" in err.getvalue()
+    with contextlib.redirect_stderr(err):
+        rc = export_main(["--run", str(exported["run"]), "--out", str(exported["tmp"] / "x.onnx"), "--int8",
+                          "--int8-option", "mode=fast"])
+    assert rc == 2 and "mode must be dynamic, static or blockwise, got 'fast'" in err.getvalue()
     assert not (exported["tmp"] / "x.onnx").exists()
 
 
