@@ -1,6 +1,6 @@
 """Folding a trained DINO-QPM model so the deployed graph does only the work the prediction needs.
 
-Three exact rewrites of the eval-mode model (dino_qpm.md §1.4, §1.8):
+Three exact rewrites of the eval-mode model (adapter and head of the paper, arXiv 2604.07166):
 1. Each adapter block Linear -> BatchNorm1d (running statistics) becomes one Linear:
    W' = diag(s) W, b' = s (b - running_mean) + beta with s = gamma / sqrt(running_var + eps).
 2. The last block keeps only the k selected output channels. Its BatchNorm and activation act per channel, so pruning

@@ -2,11 +2,11 @@
 
 The graph takes `image` float32 (B, 3, H, W) in [0, 1] (a square bicubic resize of the picture, as
 `toolkit.data.make_transform` does before `ToTensor`) and applies the backbone's normalisation itself, plus the
-reference's per-image min-max quirk when the run trained with `data.reference_minmax` (dino_qpm.md §1.2). Outputs:
+reference's per-image min-max quirk when the run trained with `data.reference_minmax` (RobertZimm/DINO-QPM). Outputs:
 `logits` (B, C), `feature_maps` (B, k, h, w) of the k selected features, `features` (B, k).
 
 Only the dynamo exporter is used: the legacy one freezes the position-embedding resample at the export size, so a
-graph with dynamic H and W breaks at any other size (stack.md §4).
+graph with dynamic H and W breaks at any other size.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def export_graph(module: nn.Module, example: Tensor, *, opset: int, dynamic_imag
 
 
 # Ops kept in float32 in an fp16 graph: LayerNorm statistics and softmax overflow in fp16 on ViTs, the more so on
-# DINOv2 without registers with its high-norm tokens (ecosystem.md §1.7).
+# DINOv2 without registers with its high-norm tokens (Darcet et al., arXiv 2309.16588).
 FP16_KEEP_FP32 = ("LayerNormalization", "Softmax", "ReduceMin", "ReduceMax")
 
 

@@ -1,8 +1,10 @@
 """Namespaced `metadata_props` of the exported graph and the before/after-folding size report.
 
-Every value is a JSON string under a `dinoqpm.` key (ecosystem.md §2.5), plus the three standard image keys of the ONNX
-metadata spec. `export/predict.py` needs nothing else: class names, preprocessing size, the class -> feature
-assignment and the head's mean/std (to split each logit into per-feature contributions) all live here. Read back with
+Every value is a JSON string under a `dinoqpm.` key (one namespace, so other tools' keys cannot clash), plus the
+three standard image keys of the ONNX metadata spec. `export/predict.py` needs nothing else: class names,
+preprocessing size, the class -> feature assignment and the head's mean/std (to split each logit into per-feature
+contributions) all live here. int8 graphs add `dinoqpm.int8` (the quantisation recipe) and `dinoqpm.int8_gate` (the
+fidelity gate's numbers); their `dinoqpm.parity` is the gate of the fp32 graph they were quantised from. Read back with
 `onnxruntime.InferenceSession(path).get_modelmeta().custom_metadata_map` or `read_metadata`.
 """
 
@@ -88,7 +90,8 @@ def build_metadata(*, info: Mapping[str, Any], weight: np.ndarray, mean: np.ndar
         dynamic_image_size: whether H and W are dynamic axes.
         patch: the patch size (H and W must be multiples of it).
         reference_minmax: whether the min-max quirk is in the graph.
-        precision: "fp32" or "fp16" (weights and compute; inputs and outputs are float32 either way).
+        precision: "fp32" or "fp16" (weights and compute; inputs and outputs are float32 either way); int8 graphs
+            are built as fp32 and relabelled after quantisation.
         folding: the size report.
     """
     weight = np.asarray(weight)

@@ -19,6 +19,10 @@ model, so the m contributions add up to the logit (up to float rounding, reporte
 gives `weight` = W_cj (the binary class-feature weight, as `python -m toolkit.explain` writes it), `folded_weight` =
 W'_cj and `bias_share` = b_cj.
 
+Precision: fp32, fp16 and int8 graphs run alike (float32 in and out). For an int8 graph, `predictions.json` also
+carries `fidelity`: the numbers its export gate measured against the fp32 graph on held-out images (top-1 agreement,
+feature-map correlation, contribution rank agreement, accuracy), so a reader knows how far the maps can be trusted.
+
 CUDA: `--provider cuda` fails, with the reason, when ONNX Runtime cannot run the graph on the CUDA execution provider;
 it never falls back to the CPU silently. Exit status: 0 done, 1 some images could not be read (the rest were
 predicted), 2 usage or provider error.
@@ -26,22 +30,17 @@ predicted), 2 usage or provider error.
 
 from __future__ import annotations
 
+import argparse
+import html
+import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-if __package__ in (None, ""):  # run as a script: export/ is sys.path[0], and export/onnx.py would shadow `onnx`
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import argparse  # noqa: E402
-import html  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError  # noqa: E402
+import numpy as np
+import onnxruntime as ort
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PREDICTIONS = "predictions.json"
@@ -98,7 +97,7 @@ def read_metadata(session: ort.InferenceSession) -> dict[str, Any]:
     meta = {k.removeprefix(PREFIX): json.loads(v) for k, v in raw.items() if k.startswith(PREFIX)}
     missing = [k for k in ("classes", "assignment", "image_size", "head", "feature_ids") if k not in meta]
     if missing:
-        raise PredictError(f"the model lacks the dinoqpm metadata {missing}; export it with export/onnx.py")
+        raise PredictError(f"the model lacks the dinoqpm metadata {missing}; export it with export/to_onnx.py")
     return meta
 
 
@@ -358,6 +357,7 @@ def predict(model: Path, images: Sequence[str | Path], out: Path, *, provider: s
             predictions.append(pred)
     result = {"model": str(model), "providers": session.get_providers(), "image_size": list(size),
               "precision": meta.get("precision"), "num_images": len(files), "classes": meta["classes"],
+              **({"fidelity": _fidelity(meta["int8_gate"])} if "int8_gate" in meta else {}),
               "contribution_rule": meta["head"].get("contribution"), "predictions": predictions,
               "num_failed": len(failed), "failed": failed}
     (out / PREDICTIONS).write_text(json.dumps(result, indent=2))
@@ -365,9 +365,16 @@ def predict(model: Path, images: Sequence[str | Path], out: Path, *, provider: s
     return result
 
 
+def _fidelity(gate: dict[str, Any]) -> dict[str, Any]:
+    """The int8 gate's headline numbers (vs the fp32 graph), from the `dinoqpm.int8_gate` metadata."""
+    keys = ("passed", "forced", "n_images", "top1_agreement", "min_map_correlation", "mean_map_correlation",
+            "rank_agreement", "accuracy_fp32", "accuracy_int8")
+    return {k: gate.get(k) for k in keys}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python export/predict.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, type=Path, help="the .onnx file written by export/onnx.py")
+    parser.add_argument("--model", required=True, type=Path, help="the .onnx file written by export/to_onnx.py")
     parser.add_argument("--images", required=True, nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the PNGs and predictions.json")
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
@@ -389,8 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for f in result["failed"]:
         print(f"error: {f['error']}", file=sys.stderr)
     print(f"wrote {len(result['predictions'])} PNG(s), {args.out / PREDICTIONS} and {args.out / PAGE} "
-          f"({result['providers'][0]})" + (f"; {len(result['failed'])} image(s) could not be read" if result["failed"]
-                                           else ""))
+          f"({result['providers'][0]}, {result['precision']})"
+          + (f"; {len(result['failed'])} image(s) could not be read" if result["failed"] else ""))
     return 1 if result["failed"] else 0
 
 

@@ -139,7 +139,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ONNX export with one unreadable input among two readable ones."""
     if chromium() is None:
         pytest.skip("no Chromium here (install Debian's `chromium`, as .ci/run does); the browser checks cannot run")
-    from export.onnx import main as export_main
+    from export.to_onnx import main as export_main
     from toolkit.data import load_dataset
     from toolkit.explain.cli import main as explain_main
     from toolkit.pipeline import run_pipeline

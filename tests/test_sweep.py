@@ -217,9 +217,9 @@ def test_export_best_reports_a_missing_exporter_and_runs_a_present_one(tmp_path:
     monkeypatch.setattr(runner, "ROOT", tmp_path)
     console = Console(force_terminal=False, width=300)
     assert export_best(summary, console) == 2
-    assert "export/onnx.py is not in this checkout" in capsys.readouterr().out
+    assert "export/to_onnx.py is not in this checkout" in capsys.readouterr().out
     (tmp_path / "export").mkdir()
-    (tmp_path / "export" / "onnx.py").write_text(
+    (tmp_path / "export" / "to_onnx.py").write_text(
         "import sys, pathlib\na = sys.argv\n"
         "pathlib.Path(a[a.index('--out') + 1]).write_text(a[a.index('--run') + 1])\n")
     assert export_best(summary, console) == 0

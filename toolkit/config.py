@@ -313,6 +313,28 @@ class ExportConfig(_Section):
     dynamic_image_size: bool = False  # H and W as dynamic axes (multiples of the patch size)
     fp16: bool = False  # also write an fp16 model
     parity_tolerance: PosFloat = 1e-4  # fp32 gate: max |ORT - torch| relative to max |torch|
+    # int8 (export/_quant.py): recipe chosen by measurement, see BENCHMARKS.md "int8".
+    int8: bool = False  # dynamic int8 weights where it pays, behind a fidelity gate against the fp32 graph
+    int8_mode: Literal["dynamic", "static", "blockwise"] = "dynamic"  # static: calibrated on the training split
+    int8_per_channel: bool = True  # per-output-channel weight scales (faithful maps; per-tensor is coarser)
+    int8_keep_fp32: str = "vit.blocks.0.*, qpm.adapter.*"  # comma-separated torch module globs kept fp32
+    int8_preprocess: bool = False  # onnxruntime quant_pre_process (shape inference) before quantising
+    int8_calibration_images: PosInt = 64  # static mode only
+    int8_block_size: Annotated[int, Field(ge=16)] = 32  # blockwise mode only (a power of two >= 16)
+    int8_gate_images: PosInt = 300  # held-out (test split) images of the int8 fidelity gate
+    int8_min_top1_agreement: Annotated[float, Field(ge=0, le=1)] = 0.98  # flips are near-ties of the fp32 logits
+    int8_min_map_correlation: Annotated[float, Field(ge=-1, le=1)] = 0.95  # on every gate image
+    int8_min_rank_agreement: Annotated[float, Field(ge=-1, le=1)] = 0.9  # mean Spearman of the m contributions
+    int8_max_accuracy_drop: Annotated[float, Field(ge=0, le=1)] = 0.01  # 1 point
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> ExportConfig:
+        if self.fp16 and self.int8:
+            raise _Invalid("int8", "cannot be combined with export.fp16; export one precision per file")
+        bs = self.int8_block_size
+        if bs & (bs - 1):
+            raise _Invalid("int8_block_size", f"must be a power of two >= 16, got {bs}")
+        return self
 
 
 class RuntimeConfig(_Section):

@@ -206,15 +206,15 @@ def summarize(rows: list[res.TrialRow], keys: list[str], output: Path, *, tolera
 
 
 def export_best(summary: SweepSummary, console: Console) -> int:
-    """ONNX export of the chosen run through export/onnx.py (a subprocess); returns its exit code."""
+    """ONNX export of the chosen run through export/to_onnx.py (a subprocess); returns its exit code."""
     if summary.chosen is None:
         console.print("[red]--export-best: no completed trial to export[/red]")
         return 1
-    script = ROOT / "export" / "onnx.py"
+    script = ROOT / "export" / "to_onnx.py"
     run_dir = summary.chosen.get("run_dir")
     if not script.is_file():
         console.print(f"[red]--export-best: {script} is not in this checkout[/red]; the chosen run is {run_dir} "
-                      f"(export it later with: python export/onnx.py --run {run_dir} --out "
+                      f"(export it later with: python export/to_onnx.py --run {run_dir} --out "
                       f"{summary.output / 'best.onnx'})")
         return 2
     cmd = [sys.executable, str(script), "--run", str(run_dir), "--out", str(summary.output / "best.onnx")]
