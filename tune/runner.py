@@ -311,7 +311,7 @@ def summarize(rows: list[res.TrialRow], keys: list[str], output: Path, *, tolera
     files = {"csv": output / "trials.csv", "summary": output / "sweep.json", "table": output / "table.txt"}
     table = res.build_table(rows, keys, front=front_ids, chosen=chosen_id)
     # The file gets the table's natural width, so no cell (trial ids above all) is ever cut.
-    width = max(120, Measurement.get(console, console.options, table).maximum)
+    width = max(120, Measurement.get(console, console.options.update(max_width=10_000), table).maximum)
     table_console = Console(record=True, width=width, file=io.StringIO())
     if not console.is_terminal and console.width < width:
         console = Console(width=width, file=console.file)
