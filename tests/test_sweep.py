@@ -179,10 +179,11 @@ def test_resume_needs_an_earlier_sweep_that_asked_for_the_same(tmp_path: Path, c
 
 
 @pytest.mark.parametrize("kw, cluster, expected", [
-    ({"workers_per_trial": 2}, {"CPU": 2.0}, 1),  # 1 CPU per worker by default: one trial at a time on 2 CPUs
-    ({"workers_per_trial": 2}, {"CPU": 5.0}, 2),
-    ({"workers_per_trial": 2, "cpus_per_trial": 1.0}, {"CPU": 2.0}, 2),
-    ({"workers_per_trial": 2, "max_concurrent": 1}, {"CPU": 8.0}, 1),
+    ({"workers_per_trial": 2}, {"CPU": 2.0, "memory": 2**34}, 1),  # 1 CPU per worker: one trial at a time on 2 CPUs
+    ({"workers_per_trial": 2}, {"CPU": 5.0, "memory": 2**34}, 2),
+    ({"workers_per_trial": 2, "cpus_per_trial": 1.0}, {"CPU": 2.0, "memory": 2**34}, 2),
+    ({"workers_per_trial": 2, "max_concurrent": 1}, {"CPU": 8.0, "memory": 2**34}, 1),
+    ({"workers_per_trial": 2}, {"CPU": 8.0, "memory": 2.5 * 2**30}, 2),  # each waiting driver holds 1 GiB
     ({"gpus_per_trial": 0.5}, {"CPU": 8.0, "GPU": 1.0}, 2),
     ({}, {"CPU": 2.0}, 2),
 ])
@@ -194,7 +195,9 @@ def test_concurrency_is_what_the_cluster_fits(kw: dict, cluster: dict, expected:
 def test_a_trial_larger_than_the_cluster_is_refused_before_it_starts() -> None:
     opts = SweepOptions(config=TINY, space=TINY, num_samples=1, output=TINY, workers_per_trial=3)
     with pytest.raises(ConfigError, match="needs 3 CPU for 3 worker.s. but the Ray cluster has 2"):
-        plan_concurrency(opts, {"CPU": 2.0})
+        plan_concurrency(opts, {"CPU": 2.0, "memory": 2**34})
+    with pytest.raises(ConfigError, match="1 GiB of memory but the Ray cluster has 0.5 GiB"):
+        plan_concurrency(opts, {"CPU": 8.0, "memory": 2**29})
     with pytest.raises(ConfigError, match="--gpus-per-trial"):
         plan_concurrency(SweepOptions(config=TINY, space=TINY, num_samples=1, output=TINY, gpus_per_trial=1),
                          {"CPU": 2.0})

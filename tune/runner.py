@@ -184,7 +184,8 @@ def _init_ray(opts: SweepOptions) -> bool:
 
 def plan_concurrency(opts: SweepOptions, cluster: dict[str, float]) -> int:
     """How many trials fit the cluster at once (at most --max-concurrent); ConfigError when not even one does."""
-    need = {"CPU": opts.trial_cpus, "GPU": opts.gpus_per_trial}
+    need = {"CPU": opts.trial_cpus, "GPU": opts.gpus_per_trial,
+            "memory": DRIVER_MEMORY if opts.workers_per_trial > 1 else 0.0}
     what = f"{opts.workers_per_trial} worker(s)" if opts.workers_per_trial > 1 else "its process"
     fits = []
     for key, amount in need.items():
@@ -192,6 +193,10 @@ def plan_concurrency(opts: SweepOptions, cluster: dict[str, float]) -> int:
             continue
         have = cluster.get(key, 0.0)
         if amount > have + 1e-9:
+            if key == "memory":
+                raise ConfigError(f"a multi-worker trial's driver process asks Ray for {amount / 2**30:g} GiB of "
+                                  f"memory but the Ray cluster has {have / 2**30:.2g} GiB; free memory, or join a "
+                                  "larger cluster with --address")
             flag = "--cpus-per-trial" if key == "CPU" else "--gpus-per-trial"
             raise ConfigError(f"one trial needs {amount:g} {key} for {what} but the Ray cluster has {have:g}; "
                               f"lower {flag} or --workers-per-trial, or join a larger cluster with --address")
