@@ -272,8 +272,10 @@ def run_sweep(opts: SweepOptions, console: Console | None = None, callbacks: lis
         where = f"{workers} Ray Train workers with {each} each, started by a driver process that waits (0 CPU)"
     if not opts.resume:
         (output / "request.json").write_text(json.dumps(request, indent=2, default=str))
-    console.print(f"sweep: {opts.num_samples} sample(s), each trial {where}; at most {concurrent} trial(s) at a time, "
-                  f"the others queue; seed {seed}" + (" (resumed)" if opts.resume else ""))
+    # Every grid point once per sample (random search; Optuna takes no grid).
+    expected = opts.num_samples * math.prod(len(p.args) for p in space.params.values() if p.kind == "grid")
+    console.print(f"sweep: {expected} trial(s), each {where}; at most {concurrent} at a time, the others queue; "
+                  f"seed {seed}" + (" (resumed)" if opts.resume else ""))
     experiment = output / "ray" / EXPERIMENT
     if opts.resume:
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
@@ -288,7 +290,6 @@ def run_sweep(opts: SweepOptions, console: Console | None = None, callbacks: lis
                                       callbacks=[ReleaseWorkers(str(output)), *(callbacks or [])]))
     grid = tuner.fit()
     # Trials the searcher had not created yet count too (an interrupted sweep may not have sampled them).
-    expected = opts.num_samples * math.prod(len(p.args) for p in space.params.values() if p.kind == "grid")
     unfinished = max(expected, len(grid)) - grid.num_terminated - grid.num_errors
     keys = list(space.params)
     rows = res.rows_from_results(grid, keys)
