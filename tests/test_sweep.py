@@ -1,11 +1,17 @@
-"""Sweeps: space parsing and validation, Pareto front and choice (fast), and a real 4-trial Ray Tune sweep on the
-tiny config that shares its token cache and dense model between trials (slow)."""
+"""Sweeps: space parsing and validation, Pareto front and choice, output-folder and resource checks (fast); real Ray
+Tune sweeps on the tiny config (slow): trials that share their token cache and dense model, multi-worker trials
+through Ray Train, a trial whose workers cannot start, an interrupted sweep resumed, and seeded sampling."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +20,10 @@ from rich.console import Console
 import tune.runner as runner
 from toolkit.config import ConfigError, load_config, replace, save_config
 from tune import results as res
-from tune.runner import SweepOptions, export_best, prepare, summarize
+from tune.runner import SweepOptions, export_best, plan_concurrency, prepare, summarize
 from tune.space import load_space, override, parse_space, validate_space
 from tune.sweep import main, parse_args
-from tune.trial import EpochReporter, TrialSetup, trial_config
+from tune.trial import PLACEMENT_GROUP_FILE, EpochReporter, ReleaseWorkers, TrialSetup, train_dir, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -141,6 +147,74 @@ def test_cli_refuses_a_bad_space_before_ray_starts(tmp_path: Path, capsys: pytes
     assert not (tmp_path / "o").exists()
 
 
+def test_an_output_folder_holding_a_sweep_is_refused_and_left_as_it_was(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / "table.txt").write_text("the earlier sweep's table")
+    args = ["--config", str(TINY), "--space", str(ROOT / "tune" / "spaces" / "default.yaml"), "--num-samples", "2",
+            "--output", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a sweep (table.txt)" in err and "--resume" in err and f"--output {out}-2" in err
+    assert sorted(p.name for p in out.iterdir()) == ["table.txt"]
+    assert (out / "table.txt").read_text() == "the earlier sweep's table"
+
+
+def test_resume_needs_an_earlier_sweep_that_asked_for_the_same(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "sw"
+    args = ["--config", str(TINY), "--space", str(ROOT / "tune" / "spaces" / "default.yaml"), "--num-samples", "2",
+            "--output", str(out), "--resume"]
+    assert main(args) == 2
+    assert "holds no sweep to continue" in capsys.readouterr().err
+    (out / "ray" / "sweep").mkdir(parents=True)
+    opts = parse_args(args)
+    base, space, _ = prepare(opts)
+    request = runner.request_of(opts, base, space, seed=3)
+    (out / "request.json").write_text(json.dumps({**request, "num_samples": 5}))
+    assert main(args) == 2
+    assert "different num_samples" in capsys.readouterr().err
+    (out / "request.json").write_text(json.dumps(request))
+    assert runner._check_output(opts, runner.request_of(opts, base, space, seed=99))["seed"] == 3  # the stored seed
+
+
+@pytest.mark.parametrize("kw, cluster, expected", [
+    ({"workers_per_trial": 2}, {"CPU": 2.0, "memory": 2**34}, 1),  # 1 CPU per worker: one trial at a time on 2 CPUs
+    ({"workers_per_trial": 2}, {"CPU": 5.0, "memory": 2**34}, 2),
+    ({"workers_per_trial": 2, "cpus_per_trial": 1.0}, {"CPU": 2.0, "memory": 2**34}, 2),
+    ({"workers_per_trial": 2, "max_concurrent": 1}, {"CPU": 8.0, "memory": 2**34}, 1),
+    ({"workers_per_trial": 2}, {"CPU": 8.0, "memory": 2.5 * 2**30}, 2),  # each waiting driver holds 1 GiB
+    ({"gpus_per_trial": 0.5}, {"CPU": 8.0, "GPU": 1.0}, 2),
+    ({}, {"CPU": 2.0}, 2),
+])
+def test_concurrency_is_what_the_cluster_fits(kw: dict, cluster: dict, expected: int) -> None:
+    opts = SweepOptions(config=TINY, space=TINY, num_samples=4, output=TINY, **kw)
+    assert plan_concurrency(opts, cluster) == expected
+
+
+def test_a_trial_larger_than_the_cluster_is_refused_before_it_starts() -> None:
+    opts = SweepOptions(config=TINY, space=TINY, num_samples=1, output=TINY, workers_per_trial=3)
+    with pytest.raises(ConfigError, match="needs 3 CPU for 3 worker.s. but the Ray cluster has 2"):
+        plan_concurrency(opts, {"CPU": 2.0, "memory": 2**34})
+    with pytest.raises(ConfigError, match="1 GiB of memory but the Ray cluster has 0.5 GiB"):
+        plan_concurrency(opts, {"CPU": 8.0, "memory": 2**29})
+    with pytest.raises(ConfigError, match="--gpus-per-trial"):
+        plan_concurrency(SweepOptions(config=TINY, space=TINY, num_samples=1, output=TINY, gpus_per_trial=1),
+                         {"CPU": 2.0})
+
+
+def test_the_table_shows_full_trial_ids_however_many_columns(tmp_path: Path) -> None:
+    keys = [f"finetune.key_number_{i}" for i in range(10)]
+    rows = [res.TrialRow(trial_id=f"b1308aa{i}_0000{i}", status="failed", params=dict.fromkeys(keys, 0.123456),
+                         reason="ConfigError: x") for i in range(3)]
+    out = io.StringIO()
+    summarize(rows, keys, tmp_path, tolerance=0.01, console=Console(file=out, width=80), seed=4)
+    for text in (out.getvalue(), (tmp_path / "table.txt").read_text()):
+        assert all(r.trial_id in text for r in rows)
+    assert json.loads((tmp_path / "sweep.json").read_text())["seed"] == 4
+    assert "--seed 4" in out.getvalue()
+
+
 # ------------------------------------------------------------------------------------ Pareto front, choice
 
 
@@ -239,11 +313,12 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory):
     ray.shutdown()
 
 
-def _sweep(tmp: Path, space: str, **kw: object) -> runner.SweepSummary:
+def _sweep(tmp: Path, space: str, callbacks: list | None = None, out: str = "out", **kw: object) -> runner.SweepSummary:
     (tmp / "space.yaml").write_text(space)
-    opts = SweepOptions(config=TINY, space=tmp / "space.yaml", num_samples=1, output=tmp / "out", scheduler="fifo",
-                        seed=0, overrides=(f"cache.root={tmp / 'artifacts'}", "runtime.progress=false"), **kw)
-    return runner.run_sweep(opts)
+    kw = {"num_samples": 1, "scheduler": "fifo", "seed": 0, **kw}
+    opts = SweepOptions(config=TINY, space=tmp / "space.yaml", output=tmp / out,
+                        overrides=(f"cache.root={tmp / 'artifacts'}", "runtime.progress=false"), **kw)
+    return runner.run_sweep(opts, callbacks=callbacks)
 
 
 @pytest.fixture(scope="module")
@@ -303,16 +378,147 @@ def test_impossible_trial_fails_with_its_reason_and_the_sweep_goes_on(tiny_sweep
     assert "got 9" in (summary.output / "table.txt").read_text()
 
 
+
+def _created_placement_groups() -> list[str]:
+    from ray.util import placement_group_table
+
+    return [k for k, v in placement_group_table().items() if v["state"] != "REMOVED"]
+
+
+@pytest.mark.slow
+def test_release_workers_removes_the_placement_group_a_trial_left_behind(local_ray, tmp_path: Path) -> None:
+    """What happens when Tune stops a trial: the group its workers used outlives it until the sweep removes it."""
+    from types import SimpleNamespace
+
+    from ray.util import placement_group
+
+    pg = placement_group([{"CPU": 0.5}])
+    pg.wait(60)
+    folder = train_dir(tmp_path, "t_00001")
+    folder.mkdir(parents=True)
+    (folder / PLACEMENT_GROUP_FILE).write_text(pg.id.hex())
+    release = ReleaseWorkers(str(tmp_path))
+    release.on_trial_complete(0, [], SimpleNamespace(trial_id="t_00000"))  # no workers: nothing to do
+    assert pg.id.hex() in _created_placement_groups() and release.released == []
+    release.on_trial_complete(0, [], SimpleNamespace(trial_id="t_00001"))
+    assert pg.id.hex() not in _created_placement_groups() and release.released == ["t_00001"]
+    release.on_trial_error(0, [], SimpleNamespace(trial_id="t_00001"))  # already removed: not released twice
+    assert release.released == ["t_00001"]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_workers_per_trial_train_with_ray_train_and_deepspeed(local_ray, tmp_path: Path) -> None:
-    """--workers-per-trial 2: the trial runs a TorchTrainer (Train V2) whose 2 gloo workers run the pipeline with
-    the DeepSpeed engine; per-epoch reports reach Tune through TuneReportCallback."""
-    summary = _sweep(tmp_path, "qp.n_per_class: {grid: [2]}\n", workers_per_trial=2, cpus_per_trial=1)
-    (row,) = summary.rows
-    assert row.status == "ok", row.reason
-    assert row.iterations == load_config(TINY).finetune.epochs + 1
-    run_dir = Path(row.get("run_dir"))
-    assert load_config(run_dir / "config.yaml").runtime.engine == "deepspeed"
-    assert "world_size=2" in (run_dir / "log.txt").read_text()
-    assert (summary.output / "best.yaml").is_file()
+def test_two_trials_with_two_workers_each_finish_on_two_cpus(tmp_path: Path) -> None:
+    """The README's multi-worker command on the tiny config, as a user runs it: 2 trials x 2 workers (1 CPU each) on
+    a 2-CPU Ray, so the trials queue; ASHA as in the README. Each trial trains with Ray Train's TorchTrainer and
+    the DeepSpeed engine; worker lines are printed once, and nothing from Ray follows the summary."""
+    space = tmp_path / "space.yaml"
+    space.write_text("finetune.l1_maps: {loguniform: [0.5, 5.0]}\nqp.n_per_class: {choice: [1, 2]}\n")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not this module's
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "tune" / "sweep.py"), "--config", str(TINY), "--space", str(space),
+           "--num-samples", "2", "--scheduler", "asha", "--workers-per-trial", "2", "--num-cpus", "2", "--seed", "3",
+           "--output", str(out), f"cache.root={tmp_path / 'artifacts'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    with (out / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"ok", "stopped"}, rows
+    table = (out / "table.txt").read_text()
+    assert all(r["trial_id"] in table and r["trial_id"] in proc.stdout for r in rows)  # full ids, not cut
+    epochs = load_config(TINY).finetune.epochs
+    for r in rows:
+        run_dir = Path(r["run_dir"]) if r["run_dir"] else out / "runs" / f"trial-{r['trial_id']}"
+        assert load_config(run_dir / "config.yaml").runtime.engine == "deepspeed"
+        assert "world_size=2 backend=gloo" in (run_dir / "log.txt").read_text()
+        # Each worker line once (Ray Train's print patch printed every one twice).
+        assert len(re.findall(rf"world_size=2 backend=gloo .*trial-{r['trial_id']}\b", log)) <= 1
+        if r["status"] == "ok":
+            assert int(r["iterations"]) == epochs + 1
+    assert any(r["status"] == "ok" for r in rows)
+    # The summary's last line ends the output: Ray is shut down before the summary is printed.
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert lines[-1].startswith("seed: 3 ")
+    assert "(RayTrainWorker" not in proc.stdout.split("sweep trials (* Pareto front")[-1]
+    assert json.loads((out / "request.json").read_text())["seed"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_trial_whose_workers_cannot_start_fails_with_its_reason_and_the_others_report(local_ray,
+                                                                                      tmp_path: Path) -> None:
+    """Another job holds 1 of the 2 CPUs until the first trial has failed: its 2 workers (1 CPU each) cannot start,
+    Train retries once (--max-retries 1), the trial fails with why, and the second trial then runs."""
+    import ray
+    from ray import tune
+    from ray.util import placement_group, remove_placement_group
+
+    blocker = placement_group([{"CPU": 1}])
+    blocker.wait(60)
+
+    class FreeTheCpuAfterTheFailure(tune.Callback):
+        def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+            remove_placement_group(blocker)
+
+    summary = _sweep(tmp_path, "qp.n_per_class: {grid: [1, 2]}\n", callbacks=[FreeTheCpuAfterTheFailure()],
+                     workers_per_trial=2, worker_start_timeout_s=2.0, max_retries=1)
+    first, second = summary.rows  # grid order: trial _00000 draws 1, _00001 draws 2
+    assert first.status == "failed" and first.params["qp.n_per_class"] == 1
+    assert first.reason.startswith("TrialWorkersFailed: its 2 workers (1 CPU each) could not start")
+    assert "within 2 s, 2 attempt(s)" in first.reason
+    assert second.status == "ok" and second.params["qp.n_per_class"] == 2, second.reason
+    assert "failed: TrialWorkersFailed: its 2 workers" in (summary.output / "table.txt").read_text()
+    with (summary.output / "trials.csv").open() as f:
+        assert [r["reason"] for r in csv.DictReader(f)] == [first.reason, ""]
+    assert json.loads((summary.output / "sweep.json").read_text())["counts"] == {"ok": 1, "stopped": 0, "failed": 1}
+    assert summary.chosen is second and (summary.output / "best.yaml").is_file()
+    assert _created_placement_groups() == []  # nothing of either trial still holds resources
+    assert ray.available_resources().get("CPU") == 2.0
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_through_tune_restore(local_ray, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) after the first trial: the sweep stops, says how to continue, and --resume runs the rest."""
+    from ray import tune
+
+    marker = tmp_path / "interrupted"
+
+    class CtrlCAfterTheFirstTrial(tune.Callback):  # stored with the experiment, so it must fire only once
+        def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGINT)
+
+    space = "qp.n_per_class: {grid: [1, 2]}\n"
+    first = _sweep(tmp_path, space, callbacks=[CtrlCAfterTheFirstTrial()], max_concurrent=1)
+    # One trial at a time: the second was not even sampled when the sweep stopped.
+    assert first.unfinished == 1 and [r.status for r in first.rows] == ["ok"]
+    with pytest.raises(ConfigError, match="already holds a sweep"):
+        _sweep(tmp_path, space, max_concurrent=1)
+    (done,) = first.rows
+    resumed = _sweep(tmp_path, space, resume=True, max_concurrent=1)
+    assert resumed.unfinished == 0 and [r.status for r in resumed.rows] == ["ok", "ok"]
+    assert resumed.rows[0].trial_id == done.trial_id  # the same experiment, continued
+    again = next(r for r in resumed.rows if r.trial_id == done.trial_id)
+    assert again.get("seconds") == done.get("seconds")  # the finished trial was kept, not run again
+    assert sorted(r.params["qp.n_per_class"] for r in resumed.rows) == [1, 2]
+
+
+@pytest.mark.slow
+def test_the_same_seed_samples_the_same_configurations(local_ray, tmp_path: Path) -> None:
+    """Three sweeps of 3 samples: seeds 5, 5 and 6. Every trial fails at once (n_per_class 9 > the 6 features),
+    so only the sampling runs."""
+    space = ("finetune.l1_maps: {loguniform: [0.5, 20.0]}\nfinetune.lr: {loguniform: [1.0e-3, 2.0e-2]}\n"
+             "qp.n_features: {choice: [4, 5, 6]}\nqp.n_per_class: {choice: [9]}\n")
+
+    def sampled(seed: int, out: str) -> list[dict]:
+        rows = _sweep(tmp_path, space, out=out, num_samples=3, seed=seed).rows
+        assert [r.status for r in rows] == ["failed"] * 3
+        return [r.params for r in sorted(rows, key=lambda r: r.trial_id.rsplit("_", 1)[1])]
+
+    a, b, c = sampled(5, "a"), sampled(5, "b"), sampled(6, "c")
+    assert a == b
+    assert a != c
+    assert len({p["finetune.l1_maps"] for p in a}) == 3  # the samples differ from each other

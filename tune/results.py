@@ -26,7 +26,8 @@ from rich.table import Table
 
 from tune.trial import SPLITS
 
-STATUSES = ("ok", "stopped", "failed")  # ok: final report; stopped: ended early by the scheduler; failed: raised
+STATUSES = ("ok", "stopped", "failed")
+# ok: final report; stopped: no final report (ASHA ended it, or the sweep was interrupted); failed: raised
 
 
 @dataclass
@@ -142,11 +143,12 @@ def _fmt(v: Any, digits: int = 4) -> str:
 COLUMNS = ("accuracy", "sid_at_5", "plausibility", "qp_gap", "qp_status", "seconds")
 
 
-def render_table(rows: list[TrialRow], keys: list[str], *, front: set[str], chosen: str | None,
-                 console: Console) -> None:
-    """The rich table: one row per trial (config, accuracy, SID@5, plausibility, QP gap, time, status)."""
+def build_table(rows: list[TrialRow], keys: list[str], *, front: set[str], chosen: str | None) -> Table:
+    """The rich table: one row per trial (full trial id, config, accuracy, SID@5, plausibility, QP gap, time,
+    status)."""
     table = Table(title="sweep trials (* Pareto front, > chosen)", show_lines=False)
-    table.add_column("trial")
+    table.add_column("", no_wrap=True)  # the marks, apart so that the id keeps its full width
+    table.add_column("trial", no_wrap=True, min_width=max([len(r.trial_id) for r in rows], default=5))
     for k in keys:
         table.add_column(k.split(".", 1)[1] if "." in k else k, justify="right")
     for label in ("accuracy", "SID@5", "plausibility", "QP gap", "QP status", "time (s)"):
@@ -155,10 +157,14 @@ def render_table(rows: list[TrialRow], keys: list[str], *, front: set[str], chos
     for r in rows:
         mark = (">" if r.trial_id == chosen else "") + ("*" if r.trial_id in front else "")
         note = r.status if r.status != "failed" else f"failed: {r.reason}"
-        cells = [f"{mark}{r.trial_id}", *[_fmt(r.params.get(k)) for k in keys], *[_fmt(r.get(c)) for c in COLUMNS],
-                 note]
+        cells = [mark, r.trial_id, *[_fmt(r.params.get(k)) for k in keys], *[_fmt(r.get(c)) for c in COLUMNS], note]
         table.add_row(*[escape(c) for c in cells])  # reasons can hold brackets that rich would read as markup
-    console.print(table)
+    return table
+
+
+def render_table(rows: list[TrialRow], keys: list[str], *, front: set[str], chosen: str | None,
+                 console: Console) -> None:
+    console.print(build_table(rows, keys, front=front, chosen=chosen))
 
 
 def write_csv(rows: list[TrialRow], keys: list[str], path: Path, *, front: set[str], chosen: str | None) -> None:

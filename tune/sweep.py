@@ -1,13 +1,17 @@
 """Ray Tune sweep of DINO-QPM sparsity, diversity, QP and fine-tune settings; trials share tokens and dense model.
 
     python tune/sweep.py --config configs/demo.yaml --space tune/spaces/default.yaml --num-samples 8 \\
-        [--scheduler asha|fifo] [--search random|optuna] [--cpus-per-trial C] [--gpus-per-trial G] \\
-        [--workers-per-trial W] [--output DIR] [--address ADDR] [--export-best] [key=value ...]
+        [--scheduler asha|fifo] [--search random|optuna] [--seed S] [--cpus-per-trial C] [--gpus-per-trial G] \\
+        [--workers-per-trial W] [--max-retries R] [--worker-start-timeout T] [--output DIR] [--resume] \\
+        [--address ADDR | --num-cpus N] [--export-best] [key=value ...]
 
-Writes to DIR: table.txt (the printed table), trials.csv, sweep.json (Pareto front, rule, shared-work counts),
-best.yaml (the chosen trial's config, loadable by launch/train.py), runs/trial-*/ (each trial's run directory) and
-ray/ (Tune's own results and checkpoints). Exit codes: 0 done, 1 no trial completed, 2 bad arguments or config,
-3 the ONNX export of the best run failed or is unavailable.
+Writes to DIR: request.json (what was asked for, with the seed), table.txt (the printed table), trials.csv,
+sweep.json (Pareto front, rule, shared-work counts), best.yaml (the chosen trial's config, loadable by
+launch/train.py), runs/trial-*/ (each trial's run directory), ray/ (Tune's own results and checkpoints) and, with
+workers, ray-train/ (Ray Train's). A DIR that already holds a sweep is refused (nothing is changed) unless --resume
+continues that sweep through Tune's restore. Exit codes: 0 done, 1 no trial completed, 2 bad arguments or config
+(or DIR holds another sweep), 3 the ONNX export of the best run failed or is unavailable, 4 interrupted (run the same
+command with --resume to finish it).
 """
 
 from __future__ import annotations
@@ -30,14 +34,24 @@ def parse_args(argv: list[str] | None = None) -> SweepOptions:
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
                    help="asha stops trials whose fine-tune train accuracy lags at a rung; fifo runs all to the end")
     p.add_argument("--search", choices=["random", "optuna"], default="random")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs of one trial (all its workers together)")
+    p.add_argument("--cpus-per-trial", type=float,
+                   help="CPUs of one trial, all its workers together (default: 1, or 1 per worker)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs of one trial; fractions share a GPU")
     p.add_argument("--workers-per-trial", type=int, default=1,
                    help="> 1: each trial trains with Ray Train's TorchTrainer and the DeepSpeed engine")
+    p.add_argument("--max-retries", type=int, default=1,
+                   help="with workers: new worker groups after one could not start, before the trial fails")
+    p.add_argument("--worker-start-timeout", type=float, default=600.0,
+                   help="with workers: seconds one start waits for free resources for all the trial's workers")
     p.add_argument("--output", type=Path, default=Path("runs/sweep"), help="where the sweep's files go")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the (interrupted) sweep in --output with Tune's restore; same arguments as before")
     p.add_argument("--address", help="join a running Ray cluster (e.g. auto or host:6379) instead of a local one")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all of this machine's)")
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
-    p.add_argument("--seed", type=int, help="seed of the search algorithm (reproducible samples)")
+    p.add_argument("--seed", type=int,
+                   help="seed of the search algorithm: the same seed samples the same configurations (default: a "
+                        "fresh one, printed and kept in request.json)")
     p.add_argument("--grace-period", type=int, help="ASHA: fine-tune epochs before the first cut")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="choice rule: front trials within this accuracy of the best compete on interpretability")
@@ -47,8 +61,10 @@ def parse_args(argv: list[str] | None = None) -> SweepOptions:
     return SweepOptions(config=a.config, space=a.space, num_samples=a.num_samples, output=a.output,
                         overrides=tuple(a.overrides), scheduler=a.scheduler, search=a.search,
                         cpus_per_trial=a.cpus_per_trial, gpus_per_trial=a.gpus_per_trial,
-                        workers_per_trial=a.workers_per_trial, address=a.address, max_concurrent=a.max_concurrent,
-                        seed=a.seed, grace_period=a.grace_period, tolerance=a.tolerance, export_best=a.export_best)
+                        workers_per_trial=a.workers_per_trial, address=a.address, num_cpus=a.num_cpus,
+                        max_concurrent=a.max_concurrent,
+                        seed=a.seed, grace_period=a.grace_period, tolerance=a.tolerance, export_best=a.export_best,
+                        resume=a.resume, max_retries=a.max_retries, worker_start_timeout_s=a.worker_start_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if summary.unfinished:
+        return 4
     if summary.chosen is None:
         return 1
     if summary.export_rc not in (None, 0):

@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+try:  # the base class of Tune callbacks; without Ray the sweep cannot run, but the rest of this module can be imported
+    from ray.tune import Callback as _TuneCallback
+except ImportError:  # pragma: no cover
+    _TuneCallback = object  # type: ignore[assignment,misc]
+
 from toolkit.config import RunConfig, replace
 from tune.space import overrides_of
 
@@ -41,6 +46,16 @@ SCHEDULER_METRIC = "train_accuracy"
 SEARCH_METRIC = "accuracy"
 
 Report = Callable[[dict[str, Any], "Path | None"], None]  # (metrics, checkpoint directory or None)
+# Ray Train V2 reads these from the trial driver's environment and passes them to its controller and workers.
+_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Train V2 replaces `print` in its workers by a tee to stdout *and* the root logger, whose console handler prints the
+# line again: every toolkit log line appeared twice. Off, a worker's print goes to its stdout once.
+_PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+PLACEMENT_GROUP_FILE = "worker_placement_group"  # in <output>/ray-train/trial-<id>/: the workers' placement group id
+
+
+class TrialWorkersFailed(RuntimeError):
+    """A multi-worker trial's Ray Train run failed: its workers could not start, or one of them raised or died."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +68,18 @@ class TrialSetup:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     cwd: str | None = None  # the sweep's working directory: trials run there, as launch/train.py would
+    max_retries: int = 1  # workers > 1: new worker groups after a failed start (then the trial fails)
+    start_timeout_s: float = 600.0  # workers > 1: how long one start waits for the workers' resources
+
+    def worker_resources(self) -> dict[str, float]:
+        """What one Ray Train worker asks Ray for (a worker is one process: 1 CPU is what it uses with
+        OMP_NUM_THREADS=1)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
+
+
+def train_dir(output: str | Path, trial_id: str) -> Path:
+    """Ray Train's storage folder of one multi-worker trial (<output>/ray-train/trial-<id>)."""
+    return Path(output) / "ray-train" / f"trial-{trial_id}"
 
 
 def trial_config(setup: TrialSetup, sample: dict[str, Any], trial_id: str) -> RunConfig:
@@ -165,9 +192,43 @@ def _enter(cwd: str | None) -> None:
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the process group is already up (gloo/nccl), the toolkit joins it."""
     import ray.train
+    from ray.util import get_current_placement_group
 
     _enter(config["cwd"])
-    execute(config["cfg"], _train_report, is_main=ray.train.get_context().get_world_rank() == 0)
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    pg = get_current_placement_group()
+    if rank0 and pg is not None:
+        # The sweep removes this placement group if the trial ends while it still exists (see ReleaseWorkers).
+        path = Path(config["pg_file"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(pg.id.hex())
+    execute(config["cfg"], _train_report, is_main=rank0)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items())
+
+
+def _train_failure(error: Exception, setup: TrialSetup) -> TrialWorkersFailed:
+    """One line on why the Ray Train run of a trial failed (Train's own errors are long and wrapped)."""
+    import ray
+    from ray.train import ControllerError, WorkerGroupError
+
+    from tune.results import failure_reason
+
+    if isinstance(error, ControllerError):
+        cause = error.controller_failure
+        if type(cause).__name__ == "WorkerGroupStartupTimeoutError":
+            free = {k: round(v, 3) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            return TrialWorkersFailed(
+                f"its {setup.workers} workers ({_describe(setup.worker_resources())} each) could not start: no free "
+                f"resources for them within {setup.start_timeout_s:g} s, {setup.max_retries + 1} attempt(s) "
+                f"(free now: {free}); another job holds them, or raise --worker-start-timeout")
+        return TrialWorkersFailed(f"Ray Train could not run its workers: {failure_reason(cause)}")
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        rank, cause = sorted(error.worker_failures.items())[0]
+        return TrialWorkersFailed(f"worker rank {rank}: {failure_reason(cause)}")
+    return TrialWorkersFailed(failure_reason(error))
 
 
 def run_trial(sample: dict[str, Any], setup: TrialSetup) -> None:
@@ -180,18 +241,64 @@ def run_trial(sample: dict[str, Any], setup: TrialSetup) -> None:
     if setup.workers <= 1:
         execute(cfg, _tune_report, is_main=True)
         return
-    # Train V2 pattern (stack.md §5): a TorchTrainer inside the function trainable, forwarded by
-    # TuneReportCallback; `Result.metrics` of trainer.fit() is None under V2, so nothing is read from it.
+    # Train V2 pattern (Ray's "Hyperparameter Tuning with Ray Tune" guide): a TorchTrainer inside the function
+    # trainable, forwarded by TuneReportCallback; `Result.metrics` of trainer.fit() is None under V2, so nothing is
+    # read from it. This process only waits for the workers; the sweep gives it no CPU (see tune.runner).
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    resources = {"CPU": setup.cpus_per_worker, **({"GPU": setup.gpus_per_worker} if setup.gpus_per_worker else {})}
+    os.environ[_START_TIMEOUT_ENV] = str(setup.start_timeout_s)
+    os.environ[_PRINT_PATCH_ENV] = "0"
+    folder = train_dir(setup.output, trial_id)
     trainer = TorchTrainer(
-        _worker_loop, train_loop_config={"cfg": cfg, "cwd": setup.cwd},
+        _worker_loop,
+        train_loop_config={"cfg": cfg, "cwd": setup.cwd, "pg_file": str(folder / PLACEMENT_GROUP_FILE)},
         scaling_config=ray.train.ScalingConfig(num_workers=setup.workers, use_gpu=setup.gpus_per_worker > 0,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"trial-{trial_id}", storage_path=str(Path(setup.output) / "ray-train"),
-                                       callbacks=[TuneReportCallback()]))
-    trainer.fit()
+                                               resources_per_worker=setup.worker_resources()),
+        run_config=ray.train.RunConfig(
+            name=folder.name, storage_path=str(folder.parent), callbacks=[TuneReportCallback()],
+            # Bounded retries. Startup failures (no resources within the timeout) retry `max_retries` times. An error
+            # in a worker is not retried: the toolkit's errors are deterministic (a bad sampled value), and a retry
+            # could start a new worker group after the sweep released this trial's placement group.
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=setup.max_retries),
+            # Train's INFO lines (each report with its metrics, worker-group start) repeat what Tune prints.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise _train_failure(e, setup) from None
 
+
+class ReleaseWorkers(_TuneCallback):
+    """Removes the workers' placement group of every multi-worker trial that has ended.
+
+    When Tune stops a trial early (ASHA) it ends the trial's process, and with it the Ray Train controller, without
+    letting Train shut its workers down: their placement group is owned by the sweep's job, so it would hold its
+    CPUs until the sweep ends and the next trial's workers could never start. Train's own PlacementGroupCleaner
+    cannot help here: it asks Ray's State API, which needs the dashboard that `ray[tune]` does not install. The
+    workers' rank 0 writes the group's id to the trial's Train folder; this callback (in the sweep's process)
+    removes the group when the trial completes, stops or fails. `released` lists the trial ids it had to release.
+    """
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.released: list[str] = []
+
+    def _release(self, trial: Any) -> None:
+        path = train_dir(self.output, trial.trial_id) / PLACEMENT_GROUP_FILE
+        if not path.is_file():
+            return
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+        pg = PlacementGroup(PlacementGroupID(bytes.fromhex(path.read_text().strip())))
+        if placement_group_table(pg).get("state") not in (None, "REMOVED"):
+            remove_placement_group(pg)
+            self.released.append(trial.trial_id)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._release(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._release(trial)
