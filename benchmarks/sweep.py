@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rich.console import Console
+from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from tune.runner import SweepOptions, _init_ray, prepare, run_sweep  # noqa: E402
-from tune.trial import SPLITS, TrialSetup, run_trial  # noqa: E402
+from tune.runner import SweepOptions, _init_ray, prepare, run_sweep
+from tune.trial import SPLITS, TrialSetup, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 # Varies only what comes after the dense model (fine-tune and QP settings), like tune/spaces/default.yaml.

@@ -46,7 +46,7 @@ from export._quant import (
     recipe_metadata,
     run_batched,
 )
-from toolkit.config import RunConfig, load_config
+from toolkit.config import RunConfig, load_config, replace
 from toolkit.data import load_dataset
 from toolkit.distributed import seed_everything
 from toolkit.model import STD_FLOOR, DinoQPM, SparseHead, create_backbone, load_checkpoint
@@ -174,14 +174,14 @@ def export_run(run_dir: str | Path, out: str | Path, *, opset: int | None = None
     int8 = ecfg.int8 if int8 is None else int8
     if fp16 and int8:
         raise ExportError("--fp16 and --int8 exclude each other; export one file per precision")
-    knobs = {f.name.removeprefix("int8_"): getattr(ecfg, f.name) for f in dataclasses.fields(ecfg)
-             if f.name.startswith("int8_")}
+    knobs = {name.removeprefix("int8_"): getattr(ecfg, name) for name in type(ecfg).model_fields
+             if name.startswith("int8_")}
     unknown = sorted(set(int8_overrides or {}) - set(knobs))
     if unknown:
         raise ExportError(f"unknown int8 option(s) {unknown}; known: {sorted(knobs)}")
     knobs.update(int8_overrides or {})
     try:  # the config's own checks, plus the recipe's (mode names, value types)
-        dataclasses.replace(ecfg, **{"int8_" + k: v for k, v in knobs.items()})
+        replace(ecfg, {"int8_" + k: v for k, v in knobs.items()})
         recipe = Int8Recipe(mode=knobs["mode"], per_channel=knobs["per_channel"],
                             keep_fp32=Int8Recipe.parse_keep_fp32(knobs["keep_fp32"]), preprocess=knobs["preprocess"],
                             calibration_images=knobs["calibration_images"], block_size=knobs["block_size"])

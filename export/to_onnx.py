@@ -24,16 +24,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from export._build import ExportError, ParityError, export_run
+from toolkit.config import parse_value
 
 
 def _int8_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. min_top1_agreement=0.995), got {text!r}")
-    return key.strip().removeprefix("export.").removeprefix("int8_"), yaml.safe_load(value)
+    return key.strip().removeprefix("export.").removeprefix("int8_"), parse_value(value)  # YAML 1.2: 1e-3 is a number
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,10 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from toolkit.config import ConfigError  # noqa: E402
-from tune.runner import SweepOptions, run_sweep  # noqa: E402
+from toolkit.config import ConfigError
+from tune.runner import SweepOptions, run_sweep
 
 
 def parse_args(argv: list[str] | None = None) -> SweepOptions:
