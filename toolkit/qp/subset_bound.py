@@ -119,12 +119,13 @@ def clique_cut_rows(problem: Problem, cliques: list[np.ndarray],
         bound lower[r].
     """
     n = problem.n_features
-    key = problem.pi * n + problem.pj  # ascending: build_problem lists the pairs in row-major upper-triangle order
+    key = problem.pi * n + problem.pj
+    by_key = np.argsort(key, kind="stable")  # pair ids by (i, j), whatever order the problem lists them in
     rows, cols, vals, lower = [], [], [], []
     r = 0
     for q in cliques:
         ii, jj = np.triu_indices(len(q), 1)
-        pid = np.searchsorted(key, q[ii] * n + q[jj])
+        pid = by_key[np.searchsorted(key[by_key], q[ii] * n + q[jj])]
         for a in range(1, min(len(q) - 1, _CLIQUE_MAX_A) + 1):
             if r >= max_rows:
                 break
