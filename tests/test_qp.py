@@ -34,7 +34,7 @@ from toolkit.qp.bound import lagrangian_value
 from toolkit.qp.certificate import verify
 from toolkit.qp.inputs import save_inputs, similarity_R
 from toolkit.qp.problem import duplicate_groups, top_m_assignment, unused_features
-from toolkit.qp.subset_bound import subset_bound
+from toolkit.qp.subset_bound import _Inner, clique_cut_rows, penalty_cliques, subset_bound
 from toolkit.qp.threshold import _largest_compatible, symmetric_upper
 
 F, C, K, M = 10, 5, 5, 2
@@ -184,6 +184,58 @@ def test_subset_bound_is_valid_and_no_weaker_than_the_lp_bound() -> None:
         one = subset_bound(p, u, math.inf, incumbent=exact, target=-math.inf, max_iterations=1)
         assert one.iterations == 1 and one.value <= lagrangian_value(
             p, u, np.zeros(len(p.pw)))[0] + 1e-6
+
+
+@pytest.mark.solver
+def test_clique_cuts_keep_the_inner_optimum_and_its_lp_bound_valid() -> None:
+    """The inner problem max_{|S| = k} g(S) - penalty(S) with clique cuts, against brute force over all k-subsets:
+    the MIP finds the exact optimum, the LP relaxation's bound (recomputed from duals) is never below it, and the
+    cuts are tight at some binary point (they are not trivially slack)."""
+    rng = np.random.default_rng(7)
+    n, k = 10, 4
+    A = rng.uniform(0.0, 1.0, (n, 3))
+    R = np.triu(rng.uniform(0.0, 1.0, (n, n)), 1)
+    p = build_problem(A / A.max(), R, k=k, m=1, tau=0.45, w=1.0)  # about half of the pairs: large cliques
+    cliques = penalty_cliques(p, rng.random(n))
+    pairs = set(zip(p.pi.tolist(), p.pj.tolist(), strict=True))
+    assert cliques and max(len(q) for q in cliques) >= 4
+    assert all((int(a), int(b)) in pairs for q in cliques for a, b in itertools.combinations(q, 2))
+    rows, cols, vals, lower = clique_cut_rows(p, cliques)
+    subsets = [np.array(s) for s in itertools.combinations(range(n), k)]
+    tight = False
+    for s in subsets:  # every binary point with y = s_i s_j satisfies every cut
+        x = np.zeros(n + len(p.pw))
+        x[s] = 1.0
+        x[n:] = x[p.pi] * x[p.pj]
+        lhs = np.bincount(rows, vals * x[cols], len(lower))
+        assert (lhs >= lower - 1e-12).all()
+        tight |= bool(np.isclose(lhs, lower).any())
+    assert tight
+    inner = _Inner(p, cliques)
+    assert inner.n_cuts == len(lower)
+    for _ in range(4):
+        g = rng.normal(1.0, 0.8, n)
+        exact = max(float(g[s].sum()) - p.penalty(s) for s in subsets)
+        lp_ub, frac = inner.lp_solve(g, 60.0)
+        assert frac is not None and lp_ub >= exact - 1e-9
+        ub, sel = inner.solve(g, None, 60.0)
+        assert sel is not None and ub >= exact - 1e-7
+        assert float(g[sel].sum()) - p.penalty(sel) == pytest.approx(exact, abs=1e-7)
+
+
+@pytest.mark.solver
+def test_dense_subset_bound_stays_valid() -> None:
+    """Most pairs penalised (the clique-cut and LP-phase path): the bound stays above the brute-force optimum."""
+    A = _instance(2, twins=True)
+    R = similarity_R(A)
+    p = build_problem(A, R, k=K, m=M, tau=0.0, w=0.3)
+    assert len(p.pw) >= 0.5 * F * (F - 1) / 2
+    exact, _ = _brute_force(A, R, K, M, 0.0, 0.3)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        u = rng.normal(0.3, 0.5, C) * p.alpha
+        sub = subset_bound(p, u, math.inf, incumbent=exact - 1.0, target=-math.inf, max_iterations=30)
+        assert sub.value >= exact - 1e-7 and sub.iterations >= 1
 
 
 @pytest.mark.solver

@@ -4,11 +4,11 @@ Time budget (cfg.time_limit, seconds, counted from the call): the greedy and the
 always finish; iterated local search runs until 5 % of the budget. Then the LP-Lagrangian bound (`bound`) until
 15 % (all of the budget with the heuristic solver), whose prices start the subset-Lagrangian bound (`subset_bound`,
 the penalty kept exact) until 85 %; every selection it meets is polished by local search. The MILP gets what is left
-if the gap is still open. On small instances (F C <= 40k, no pruning) the MILP runs first, until 60 %, and the
-subset bound after it. The MILP is skipped for HiGHS/SCIP when the pruned model would exceed `_MILP_MAX_COLUMNS`
-columns (ImageNet size: its root LP alone does not finish in minutes on 2 cores) or when less than 10 s are left;
-iterated local search then uses the rest of the time. Each stage stops early once the answer is proven within
-cfg.mip_gap.
+if the gap is still open; when that would be under 10 s (budgets under 67 s), the subset bound runs until 95 %.
+On small instances (F C <= 40k, no pruning) the MILP runs first, until 60 %, and the subset bound after it. The
+MILP is skipped for HiGHS/SCIP when the pruned model would exceed `_MILP_MAX_COLUMNS` columns (ImageNet size: its
+root LP alone does not finish in minutes on 2 cores) or when less than 10 s are left; iterated local search then
+uses the rest of the time. Each stage stops early once the answer is proven within cfg.mip_gap.
 """
 
 from __future__ import annotations
@@ -199,8 +199,10 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
         lists = candidate_lists(problem, dual.u, best)
         too_big = (backend is not None and backend.name != "gurobi"
                    and sum(len(t) for t in lists) + len(problem.pw) > _MILP_MAX_COLUMNS)
+        # A MILP share below _MIN_MILP_SECONDS would be skipped anyway (60 s budgets: 9 s).
+        no_room = backend is not None and backend.name != "gurobi" and (1 - _SUBSET_SHARE) * budget < _MIN_MILP_SECONDS
         # When the MILP cannot run anyway, the subset bound keeps the time a MILP would have had.
-        run_subset(t0 + (_ILS_END_SHARE if too_big else _SUBSET_SHARE) * budget)
+        run_subset(t0 + (_ILS_END_SHARE if too_big or no_room else _SUBSET_SHARE) * budget)
         run_milp(t0 + budget)
     best, bound, bound_source = state.best, state.bound, state.bound_source
     if open_gap() and time.perf_counter() < t0 + budget:
