@@ -63,11 +63,32 @@ class DeepSpeedEngine:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
             model_parameters=[p for p in module.parameters() if p.requires_grad])
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.module.backward(loss)  # DeepSpeed scales by the accumulation steps itself
+    def describe(self) -> str:
+        return (f"deepspeed (ZeRO stage {self.config['zero_optimization']['stage']}, {dist_info().world_size} "
+                f"ranks, {'bf16' if self.autocast_dtype is not None else 'fp32'})")
+
+    def backward(self, loss: torch.Tensor, *, group: int = 1, boundary: bool = True) -> None:
+        # The loop owns the boundaries (a partial last group is stepped at the epoch's end); DeepSpeed's own
+        # counter would carry it into the next epoch. The gradient reduction happens on the boundary backward.
+        self.module.set_gradient_accumulation_boundary(boundary)
+        self.module.backward(loss / group, scale_wrt_gas=False)
 
     def step(self) -> None:
-        self.module.step()
+        self.module.step()  # updates weights and schedule only at the boundary set in backward
+
+    def master_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 weights: under bf16 the optimiser's fp32 master copy (DeepSpeed's `safe_get_full_fp32_param`, full
+        on every rank for every ZeRO stage), not the bf16 parameters the forward pass used."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.raw.named_parameters():
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            out[name] = (full if full is not None else param.detach()).float().clone()
+        for name, buf in self.raw.named_buffers():
+            out[name] = buf.detach().clone() if not buf.is_floating_point() else buf.detach().float().clone()
+        keys = self.raw.state_dict().keys()
+        return {k: out[k] for k in keys if k in out}
 
     def save(self, directory: Path, client_state: dict[str, Any]) -> None:
         """DeepSpeed checkpoint (every rank takes part); its `latest` file is written only once a tag is complete,
