@@ -100,8 +100,11 @@ def describe_files(directory: Path) -> dict[str, dict[str, Any]]:
             continue
         entry: dict[str, Any] = {"bytes": path.stat().st_size}
         if path.suffix == ".npy":
-            dtype, shape = _npy_header(path)
-            entry.update(dtype=dtype, shape=list(shape))
+            try:
+                dtype, shape = _npy_header(path)
+                entry.update(dtype=dtype, shape=list(shape))
+            except (ValueError, OSError, EOFError):  # not an array after all: size and checksum only
+                pass
         if entry["bytes"] <= CHECKSUM_MAX_BYTES:
             entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         out[rel] = entry

@@ -45,6 +45,7 @@ from toolkit.stages.probe import run_probe
 from toolkit.stages.select import SelectionResult, run_selection
 from toolkit.stages.tokens import build_tokens, live_split
 from toolkit.train import Split, TrainContext, make_engine_factory
+from toolkit.train.loop import local_evaluation
 
 
 @dataclass
@@ -223,7 +224,8 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
     if info.is_main:
         write_json(run_dir / "metrics.json", metrics)
         if until == "evaluate" and cfg.cache.mode == "cached":  # interpretability metrics read the token cache
-            metrics = evaluate_run(run_dir, console=console)
+            with local_evaluation():  # rank 0 alone evaluates: every image once, no collective to wait for
+                metrics = evaluate_run(run_dir, console=console)
         console.log("metrics: " + json.dumps({k: v.get("accuracy") for k, v in metrics.items()
                                               if isinstance(v, dict) and "accuracy" in v}))
     barrier()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from toolkit.cache import TokenDataset, TokenStore
 from toolkit.config import TrainConfig
 from toolkit.console import Console
-from toolkit.distributed import dist_info, pause_for_test, set_rng_state
+from toolkit.distributed import DistInfo, dist_info, pause_for_test, set_rng_state
 from toolkit.model import DinoQPM, LinearProbe, SparseHead, join_tokens
 from toolkit.train.engine import Engine
 from toolkit.train.losses import cross_entropy, total_loss
@@ -196,6 +198,21 @@ class Outputs:
         return float((self.logits.argmax(1) == self.labels).mean()) if len(self.labels) else 0.0
 
 
+# True while one rank evaluates on its own (the evaluation stage runs on rank 0 only): `evaluate` then covers the
+# whole split in this process instead of its share, and waits for no other rank.
+_LOCAL_EVALUATION: ContextVar[bool] = ContextVar("_LOCAL_EVALUATION", default=False)
+
+
+@contextmanager
+def local_evaluation() -> Iterator[None]:
+    """Within this block `evaluate` runs over the whole split in this process (no collectives)."""
+    token = _LOCAL_EVALUATION.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_EVALUATION.reset(token)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
              backbone: nn.Module | None = None, console: Console | None = None, desc: str = "eval",
@@ -206,7 +223,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
         head_inputs: features are what the head reads (CLS for the probe, (f - mu) / sigma for the sparse head)
             instead of the pooled features (None for the probe).
     """
-    info = dist_info()
+    info = dist_info() if not _LOCAL_EVALUATION.get() else DistInfo()
     model.eval()
     core = unwrap(model)
     indices = list(range(info.rank, len(dataset), info.world_size))  # no padding, unlike DistributedSampler
