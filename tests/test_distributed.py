@@ -115,6 +115,7 @@ def test_bf16_engine_saves_fp32_master_weights() -> None:
     # DeepSpeed's CPU accelerator takes bf16, so this runs here: the engine computes with bf16 parameters, and the
     # model `train_model` leaves behind (and `save_checkpoint` writes) must be the optimiser's fp32 master copy.
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT="29615")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "_bf16_master.py")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -131,6 +132,9 @@ def test_bf16_engine_saves_fp32_master_weights() -> None:
 
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    # DeepSpeed JIT-compiles a small C++ op at its first start; a cache of this checkout's own keeps other
+    # checkouts' builds (other compiler flags) from triggering a rebuild here.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env.pop(TEST_PAUSE_ENV, None)
     env.update(extra)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from toolkit import __version__
 from toolkit.distributed import barrier, broadcast_object, dist_info
@@ -192,14 +192,19 @@ def get_or_run(
         warn = (lambda msg: log(f"WARNING: {msg}")) if log else (lambda msg: print(f"WARNING: {msg}", flush=True))
     main = dist_info().is_main
     lock = FileLock(final.parent / f".{key}.lock") if main else None
+    waited = False
     if lock is not None:
-        lock.acquire()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # another process is building this key: wait for it, then load what it published
+            waited = True
+            lock.acquire()
     try:
         hit = _usable(final, stage, warn) if main else None
-        hit = broadcast_object(hit)
+        hit, waited = broadcast_object((hit, waited))
         if hit:
             if log:
-                log(f"{stage}: cached ({final})")
+                log(f"{stage}: built by another process ({final})" if waited else f"{stage}: cached ({final})")
             _HITS[str(final)] = True
             return final, Manifest.read(final), True
         tmp = _new_tmp(final) if main else None
