@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,7 +34,13 @@ needs_deepspeed = pytest.mark.skipif(shutil.which("deepspeed", path=str(BIN)) is
 # statistics). Dropout is off because its masks come from each rank's own RNG stream, which cannot reproduce the
 # single process's one mask over the whole batch; that is a different random draw, not an error.
 NO_DROPOUT = ["dense.dropout=0", "probe.dropout=0", "runtime.progress=false"]
-TOL = 1e-3  # max |w_1proc - w_2rank| over every fine-tuned weight; accuracies must be equal
+# max |w_1proc - w_2rank| over the dense model's weights (the stage BatchNorm synchronisation decides), except the
+# Linear biases in front of a BatchNorm and the running means that track them: BN removes any constant, so their
+# gradient is zero up to rounding, and AdamW's normalised update turns that rounding noise into lr-sized steps.
+# Observed: ~1e-6 for the rest. Fine-tuning then starts
+# from features that differ by that noise and amplifies it (lr 2e-2), so the final model is compared by accuracy.
+TOL = 1e-4
+BN_CANCELLED = re.compile(r"adapter\.blocks\.\d+\.(linear\.bias|norm\.running_mean)$")
 # Kill-and-resume with the defaults (BN and dropout on), and an epoch that is not a multiple of grad_accum:
 # 32 images / 2 ranks = 16 per rank, micro-batch 24 / (2 x 4) = 3 -> 6 micro-steps = groups of 4 and 2.
 RESUME = ["dense.epochs=4", "dense.batch_size=24", "runtime.grad_accum=4", "runtime.checkpoint_every=1",
@@ -170,11 +177,19 @@ def _result(tmp: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads((run / "metrics.json").read_text()), load_file(str(run / "checkpoint" / "model.safetensors"))
 
 
+def _max_diff(wa: dict[str, torch.Tensor], wb: dict[str, torch.Tensor], skip: re.Pattern | None = None) -> float:
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa if not (skip and skip.search(k)))
+
+
+def _dense_weights(tmp: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(next((tmp / name / "art" / "dense").glob("[0-9a-f]*")) / "checkpoint" / "model.safetensors"))
+
+
 def _compare(a: tuple[dict, dict], b: tuple[dict, dict], label: str) -> float:
     """Max weight difference; prints it with the three accuracies of each run, asserts equal accuracies."""
     (ma, wa), (mb, wb) = a, b
-    assert wa.keys() == wb.keys()
-    diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    diff = _max_diff(wa, wb)
     accs = {m: (ma[m]["accuracy"], mb[m]["accuracy"]) for m in ("linear_probe", "dense", "qpm")}
     print(f"{label}: max weight difference {diff:.3g}; accuracies (a, b) {accs}")
     for model, (x, y) in accs.items():
@@ -195,8 +210,12 @@ def test_two_ranks_with_batchnorm_match_one_process(tmp_path: Path) -> None:
     assert manifest["stage_engines"]["dense"].startswith("deepspeed (ZeRO stage 0, 2 ranks")
     _single(tmp_path, "one", NO_DROPOUT)
     assert json.loads((tmp_path / "one" / "runs" / "r" / "manifest.json").read_text())["engine"] == "one process"
-    diff = _compare(_result(tmp_path, "two"), _result(tmp_path, "one"), "2 ranks vs 1 process (BatchNorm on)")
-    assert diff <= TOL, f"max weight difference {diff} > {TOL}"
+    _compare(_result(tmp_path, "two"), _result(tmp_path, "one"), "2 ranks vs 1 process (BatchNorm on), final")
+    two, one = _dense_weights(tmp_path, "two"), _dense_weights(tmp_path, "one")
+    diff = _max_diff(two, one, BN_CANCELLED)
+    print(f"dense model: max weight difference {diff:.3g} (BN-cancelled biases and running means excluded; "
+          f"with them {_max_diff(two, one):.3g})")
+    assert diff <= TOL, f"max dense weight difference {diff} > {TOL}"
     # One model, one accuracy: the evaluation stage recomputed every accuracy without a mismatch warning.
     assert "differs from the pipeline's" not in out
 
