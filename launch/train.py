@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from toolkit.config import ConfigError, dump_config, load_config
+from toolkit.distributed import dist_info
 from toolkit.pipeline import run_dir_for, run_pipeline
 
 
@@ -47,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"run directory: {result.run_dir}")
-    if (result.run_dir / "report.md").is_file():
-        print(f"report: {result.run_dir / 'report.md'}")
+    if dist_info().is_main:  # one line per run, not one per rank
+        print(f"run directory: {result.run_dir}")
+        if (result.run_dir / "report.md").is_file():
+            print(f"report: {result.run_dir / 'report.md'}")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,13 +27,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from toolkit.artifacts import content_key
+from toolkit.artifacts import check_artifact, content_key
 from toolkit.config import BackboneConfig, DataConfig
 from toolkit.console import Console
 from toolkit.data import make_transform, mask_to_grid
 from toolkit.model import Backbone, weights_identity
 
 LAYER = "last-block+final-norm"  # which tokens are cached (docs/method.md#model: last block, use_norm=True)
+
+
+class DamagedStoreError(OSError):
+    """A token-store file does not hold what its header or manifest promises (truncated copy, full disk)."""
 
 
 @dataclass(frozen=True)
@@ -42,26 +47,39 @@ class TokenStore:
     directory: Path
     key: str
 
+    def __post_init__(self) -> None:
+        # Stores are opened straight from run directories too (evaluation, explanations), not only through
+        # get_or_run: a damaged one stops here with its path and the fix, not deep inside numpy.
+        check_artifact(self.directory)
+
     @cached_property
     def meta(self) -> dict[str, Any]:
         return json.loads((self.directory / "meta.json").read_text())
 
+    def _load(self, name: str, mmap: bool) -> np.ndarray:
+        """One array of the store; a damaged file (cut short, bad header) stops with its path and the fix."""
+        path = self.directory / name
+        try:
+            return np.load(path, mmap_mode="r" if mmap else None)
+        except (ValueError, OSError, EOFError) as e:
+            raise DamagedStoreError(f"token store file {path} is damaged ({e}); delete {self.directory} and rerun "
+                                    "launch/train.py with the same config to rebuild it") from e
+
     @cached_property
     def patch(self) -> np.ndarray:
-        return np.load(self.directory / "patch.npy", mmap_mode="r")
+        return self._load("patch.npy", mmap=True)
 
     @cached_property
     def cls(self) -> np.ndarray:
-        return np.load(self.directory / "cls.npy", mmap_mode="r")
+        return self._load("cls.npy", mmap=True)
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return np.load(self.directory / "labels.npy")
+        return self._load("labels.npy", mmap=False)
 
     @cached_property
     def masks(self) -> np.ndarray | None:
-        p = self.directory / "masks.npy"
-        return np.load(p) if p.is_file() else None
+        return self._load("masks.npy", mmap=False) if (self.directory / "masks.npy").is_file() else None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -165,8 +183,29 @@ def allocate_store(out: Path, *, n: int, grid: tuple[int, int], dim: int, masks:
         np.lib.format.open_memmap(out / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, *grid)).flush()
 
 
+def loader_options(num_workers: int | str, pin_memory: bool, device: torch.device) -> dict[str, Any]:
+    """DataLoader settings for image batches (decoding and resizing run in worker processes).
+
+    Args:
+        num_workers: runtime.num_workers; "auto" = 0 on CPU (the cores run the model), min(8, CPU cores per local
+            rank) on CUDA, where decoding in the main process would starve the GPU.
+        pin_memory: runtime.pin_memory; only takes effect on CUDA.
+    """
+    cuda = device.type == "cuda"
+    if num_workers == "auto":
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        num_workers = min(8, max(1, (os.cpu_count() or 1) // local)) if cuda else 0
+    workers = int(num_workers)
+    out: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(pin_memory and cuda)}
+    if workers:
+        out["persistent_workers"] = cuda  # keep the workers between epochs (one loader per stage, see fit)
+        out["prefetch_factor"] = 4
+    return out
+
+
 def extract_tokens(backbone: Backbone, dataset: Any, out: Path, *, image_size: int, reference_minmax: bool,
-                   batch_size: int, console: Console, desc: str, shard: tuple[int, int] = (0, 1)) -> int:
+                   batch_size: int, console: Console, desc: str, shard: tuple[int, int] = (0, 1),
+                   options: dict[str, Any] | None = None) -> int:
     """Run the frozen backbone over this process's share of `dataset` into the maps of `allocate_store`.
 
     With `shard=(rank, world)` only samples rank, rank + world, ... are encoded, so the ranks of a distributed
@@ -183,10 +222,11 @@ def extract_tokens(backbone: Backbone, dataset: Any, out: Path, *, image_size: i
     masks = np.load(out / "masks.npy", mmap_mode="r+") if (out / "masks.npy").exists() else None
     indices = list(range(shard[0], len(dataset), shard[1]))
     live = ImageDataset(dataset, transform, grid)
-    loader = DataLoader(torch.utils.data.Subset(live, indices), batch_size=batch_size, shuffle=False)
+    opts = {k: v for k, v in (options or {}).items() if k != "persistent_workers"}  # one pass: nothing to keep
+    loader = DataLoader(torch.utils.data.Subset(live, indices), batch_size=batch_size, shuffle=False, **opts)
     device = next(backbone.parameters()).device
     for batch in console.progress(loader, total=len(loader), desc=desc):
-        tok, c = backbone.tokens(batch["image"].to(device))
+        tok, c = backbone.tokens(batch["image"].to(device, non_blocking=True))
         idx = batch["index"].numpy()
         patch[idx] = tok.float().cpu().numpy().astype(np.float16)
         cls[idx] = c.float().cpu().numpy().astype(np.float16)

@@ -359,6 +359,10 @@ class RuntimeConfig(_Section):
     resume: bool = False  # continue from the last checkpoint of this run directory
     collective_timeout_s: PosInt = 600  # seconds: a rank that dies makes the others fail after this, never hang
     progress: bool = True  # progress bars on the main rank
+    # DataLoader processes that decode and resize images (token extraction, live mode); "auto" = 0 on CPU (the
+    # cores are busy with the model), min(8, CPU cores per local rank) on CUDA.
+    num_workers: Literal["auto"] | NonNegInt = "auto"
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only; ignored on CPU)
 
 
 class RunConfig(_Section):

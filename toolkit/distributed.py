@@ -102,3 +102,115 @@ def broadcast_object(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ------------------------------------------------------------------------------ synchronised BatchNorm
+
+
+class SyncBatchNorm1d(torch.nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are pooled over every rank (the same math as one process seeing the
+    global batch).
+
+    torch's `nn.SyncBatchNorm` refuses CPU tensors, so this one is written on the autograd-aware collective
+    `torch.distributed.nn.functional.all_reduce` (gloo and NCCL alike); the CPU test then exercises the exact code
+    that runs on GPUs. Mean and variance are two passes (sum, then sum of squared deviations), as a single-process
+    BatchNorm computes them. The module is a `BatchNorm1d` (same parameters, buffers and state-dict keys), and
+    `convert_sync_batchnorm` / `revert_sync_batchnorm` only swap its class, so DeepSpeed's parameter references
+    and the checkpoint format are untouched.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C)
+        if not (self.training and distributed()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        xf = x.float()
+        count = all_reduce(torch.tensor([float(xf.shape[0])], device=x.device)).detach()  # global N
+        mean = all_reduce(xf.sum(0)) / count  # (C,)
+        var = all_reduce(((xf - mean) ** 2).sum(0)) / count  # biased, as BatchNorm normalises with
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (count / (count - 1).clamp_min(1))
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.float() + self.bias.float()
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module) -> int:
+    """Make every BatchNorm1d of `module` synchronise its statistics over the ranks (in place); returns how many.
+
+    A no-op for a single process: one rank's statistics are already the global ones.
+    """
+    n = 0
+    if dist_info().world_size <= 1:
+        return n
+    for m in module.modules():
+        if type(m) is torch.nn.BatchNorm1d:
+            m.__class__ = SyncBatchNorm1d
+            n += 1
+    return n
+
+
+def revert_sync_batchnorm(module: torch.nn.Module) -> None:
+    """Undo `convert_sync_batchnorm` (plain BatchNorm1d again, for evaluation, export and checkpoints)."""
+    for m in module.modules():
+        if type(m) is SyncBatchNorm1d:
+            m.__class__ = torch.nn.BatchNorm1d
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank, so one model is evaluated (and reported) everywhere."""
+    if not distributed():
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+# ------------------------------------------------------------------------------ RNG streams (exact resume)
+
+
+def rng_state() -> dict[str, object]:
+    """Every random stream this process draws from: python, numpy, torch CPU and (when present) CUDA."""
+    state: dict[str, object] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                                "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, object]) -> None:
+    random.setstate(state["python"])  # type: ignore[arg-type]
+    np.random.set_state(state["numpy"])  # type: ignore[arg-type]
+    torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ test-only pause
+
+# Fault tests set this to "<stage>:<optimizer step>:<marker file>": every rank of that stage, right after the
+# checkpoint at that step is complete, writes "<marker>.rank<r>" and waits until it is killed. The test kills at a
+# point it chose, whatever the machine's speed; the product never sets the variable.
+TEST_PAUSE_ENV = "DINOQPM_TEST_PAUSE_AFTER_CHECKPOINT"
+
+
+def pause_for_test(stage: str, step: int) -> None:
+    """Block forever here if the test-only pause names this stage and optimizer step (see TEST_PAUSE_ENV)."""
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec:
+        return
+    want_stage, want_step, marker = spec.split(":", 2)
+    if want_stage != stage or int(want_step) != step:
+        return
+    import time
+    from pathlib import Path
+
+    Path(f"{marker}.rank{dist_info().rank}").write_text(f"{stage} step {step}\n")
+    while True:  # noqa: ASYNC110 - a test-only wait for SIGKILL
+        time.sleep(3600)

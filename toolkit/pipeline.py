@@ -25,12 +25,14 @@ from typing import Any
 
 from toolkit import __version__
 from toolkit.artifacts import was_cached
+from toolkit.cache import loader_options
 from toolkit.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from toolkit.console import Console
 from toolkit.data import load_dataset
 from toolkit.distributed import (
     DistInfo,
     barrier,
+    deepspeed_requested,
     init_distributed,
     resolve_device,
     resolve_precision,
@@ -45,6 +47,7 @@ from toolkit.stages.probe import run_probe
 from toolkit.stages.select import SelectionResult, run_selection
 from toolkit.stages.tokens import build_tokens, live_split
 from toolkit.train import Split, TrainContext, make_engine_factory
+from toolkit.train.loop import local_evaluation
 from toolkit.train.tensorboard import chain, epoch_logger
 
 
@@ -58,7 +61,8 @@ class PipelineResult:
 
 # Settings that change where or how a run executes, not what it computes: a resumed run, or the same config from
 # another checkout or output folder, is the same run.
-_EXECUTION_ONLY = {"runtime": ("resume", "progress", "output_dir", "run_name", "collective_timeout_s"),
+_EXECUTION_ONLY = {"runtime": ("resume", "progress", "output_dir", "run_name", "collective_timeout_s", "num_workers",
+                               "pin_memory"),
                    "cache": ("root",)}
 
 
@@ -134,14 +138,23 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
     console = Console(progress=cfg.runtime.progress, log_file=run_dir / "log.txt")
     device = resolve_device(cfg.runtime)
     precision = resolve_precision(cfg.runtime, device)
+    engine = (f"deepspeed (ZeRO stage {cfg.runtime.zero_stage})" if deepspeed_requested(cfg.runtime)
+              else "ddp" if info.world_size > 1 else "one process")
     console.log(f"world_size={info.world_size} backend={info.backend} device={device} precision={precision} "
-                f"toolkit={__version__} run_dir={run_dir}")
+                f"engine={engine} toolkit={__version__} run_dir={run_dir}")
     root = Path(cfg.cache.root)
     on_epoch = chain(on_epoch, epoch_logger(run_dir, is_main=info.is_main, console=console))  # curves -> TensorBoard
+    options = loader_options(cfg.runtime.num_workers, cfg.runtime.pin_memory, device)
+    engines: dict[str, str] = {}
+
+    def on_engine(stage: str, description: str) -> None:
+        engines[stage] = description
+        console.log(f"{stage}: engine {description}")
+
     ctx = TrainContext(console=console, device=device, seed=cfg.runtime.seed, grad_accum=cfg.runtime.grad_accum,
                        make_engine=make_engine_factory(cfg.runtime, device, precision),
                        checkpoint_every=cfg.runtime.checkpoint_every, resume=cfg.runtime.resume,
-                       on_epoch=on_epoch)
+                       on_epoch=on_epoch, on_engine=on_engine, loader_options=options)
     builds = [0]
     backbone: list[Backbone] = []
 
@@ -157,7 +170,11 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
         stages[name] = {"key": key, "directory": str(directory), "cached": was_cached(directory),
                         "seconds": round(time.perf_counter() - t0, 3), "metrics": metrics}
         if info.is_main:
-            write_json(run_dir / "manifest.json", {"config_hash": config_hash(cfg), "stages": stages})
+            # "engine" names what trained (the training stages' engines; a cached stage trained nothing now).
+            write_json(run_dir / "manifest.json", {
+                "config_hash": config_hash(cfg), "world_size": info.world_size, "backend": info.backend,
+                "device": str(device), "precision": precision, "engine": engine, "stage_engines": engines,
+                "stages": stages})
 
     stores: dict[str, Split] = {}
     for split in ("train", "test"):
@@ -168,7 +185,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
                                        backbone=get_backbone())
             continue
         stores[split] = build_tokens(cfg.data, cfg.backbone, cfg.cache, split, dataset, seed=cfg.runtime.seed,
-                                     get_backbone=get_backbone, console=console)
+                                     get_backbone=get_backbone, console=console, loader_options=options)
         record(f"tokens_{split}", stores[split].directory, stores[split].key, {"images": len(dataset)}, t0)
     if cfg.cache.mode == "live":
         ctx = dataclasses.replace(ctx, backbone=get_backbone())
@@ -211,7 +228,8 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
     if info.is_main:
         write_json(run_dir / "metrics.json", metrics)
         if until == "evaluate" and cfg.cache.mode == "cached":  # interpretability metrics read the token cache
-            metrics = evaluate_run(run_dir, console=console)
+            with local_evaluation():  # rank 0 alone evaluates: every image once, no collective to wait for
+                metrics = evaluate_run(run_dir, console=console)
         console.log("metrics: " + json.dumps({k: v.get("accuracy") for k, v in metrics.items()
                                               if isinstance(v, dict) and "accuracy" in v}))
     barrier()

@@ -30,8 +30,11 @@ def live_split(data: DataConfig, backbone_cfg: BackboneConfig, split: str, datas
 
 
 def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheConfig, split: str, dataset: Any,
-                 *, seed: int, get_backbone: Callable[[], Backbone], console: Console) -> TokenStore:
-    """The cached tokens of one split; `get_backbone` is called only when the store has to be built."""
+                 *, seed: int, get_backbone: Callable[[], Backbone], console: Console,
+                 loader_options: dict[str, Any] | None = None) -> TokenStore:
+    """The cached tokens of one split; `get_backbone` is called only when the store has to be built.
+
+    `loader_options` (see `toolkit.cache.loader_options`) put image decoding into DataLoader workers."""
     key, slice_ = token_key(data, backbone_cfg, split, list(dataset.ids), seed)
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -45,7 +48,8 @@ def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheCon
         t0 = time.perf_counter()
         n = extract_tokens(backbone, dataset, tmp, image_size=data.image_size,
                            reference_minmax=data.reference_minmax, batch_size=backbone_cfg.batch_size,
-                           console=console, desc=f"backbone tokens ({split})", shard=(info.rank, info.world_size))
+                           console=console, desc=f"backbone tokens ({split})", shard=(info.rank, info.world_size),
+                           options=loader_options)
         seconds = time.perf_counter() - t0
         barrier()
         if not info.is_main:
@@ -59,5 +63,6 @@ def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheCon
         return {"images": len(dataset), "images_per_second_rank0": round(n / max(seconds, 1e-9), 2),
                 "world_size": info.world_size}
 
-    directory, _, _ = get_or_run(Path(cache.root), "tokens", key, build, config=slice_, log=console.log)
+    directory, _, _ = get_or_run(Path(cache.root), "tokens", key, build, config=slice_, log=console.log,
+                                 warn=console.warn)
     return TokenStore(directory, key)

@@ -63,11 +63,51 @@ class DeepSpeedEngine:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
             model_parameters=[p for p in module.parameters() if p.requires_grad])
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.module.backward(loss)  # DeepSpeed scales by the accumulation steps itself
+    def describe(self) -> str:
+        return (f"deepspeed (ZeRO stage {self.config['zero_optimization']['stage']}, {dist_info().world_size} "
+                f"ranks, {'bf16' if self.autocast_dtype is not None else 'fp32'})")
+
+    def backward(self, loss: torch.Tensor, *, group: int = 1, boundary: bool = True) -> None:
+        # The loop owns the boundaries (a partial last group is stepped at the epoch's end); DeepSpeed's own
+        # counter would carry it into the next epoch. The gradient reduction happens on the boundary backward.
+        self.module.set_gradient_accumulation_boundary(boundary)
+        self.module.backward(loss / group, scale_wrt_gas=False)
 
     def step(self) -> None:
-        self.module.step()
+        self.module.step()  # updates weights and schedule only at the boundary set in backward
+
+    def master_state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 weights: under bf16 the optimiser's fp32 master copy, not the bf16 parameters the forward pass used.
+
+        ZeRO 1/2 (and DeepSpeed's BF16_Optimizer) expose it through `safe_get_full_fp32_param` (full on every rank);
+        ZeRO 0 with bf16 wraps the optimiser in DeepSpeed's fp16/bf16 optimiser, whose master copy is its
+        `fp32_groups` (or `fp32_groups_flat`) paired with `fp16_groups`. Without bf16 the parameters are the
+        masters.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+        from torch._utils import _unflatten_dense_tensors
+
+        masters: dict[int, torch.Tensor] = {}
+        opt = self.optimizer
+        low = getattr(opt, "fp16_groups", None)
+        if low is not None and hasattr(opt, "fp32_groups"):
+            for lp, hp in zip(low, opt.fp32_groups):
+                masters.update({id(p): h for p, h in zip(lp, hp)})
+        elif low is not None and hasattr(opt, "fp32_groups_flat"):
+            for lp, flat in zip(low, opt.fp32_groups_flat):
+                masters.update({id(p): h for p, h in zip(lp, _unflatten_dense_tensors(flat, lp))})
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.raw.named_parameters():
+            full = masters.get(id(param))
+            if full is None and param.requires_grad and self.autocast_dtype is not None:
+                full = safe_get_full_fp32_param(param)
+            if full is None and param.dtype != torch.float32 and param.requires_grad:
+                raise RuntimeError(f"no fp32 master weight found for {name} ({param.dtype}) in "
+                                   f"{type(opt).__name__}; saving it would store rounded weights")
+            out[name] = (full if full is not None else param.detach()).float().clone()
+        for name, buf in self.raw.named_buffers():
+            out[name] = buf.detach().float().clone() if buf.is_floating_point() else buf.detach().clone()
+        return {k: out[k] for k in self.raw.state_dict() if k in out}
 
     def save(self, directory: Path, client_state: dict[str, Any]) -> None:
         """DeepSpeed checkpoint (every rank takes part); its `latest` file is written only once a tag is complete,

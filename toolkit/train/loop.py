@@ -7,7 +7,9 @@ It talks to an `Engine` (plain torch or DeepSpeed) and to batches that hold eith
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from toolkit.cache import TokenDataset, TokenStore
 from toolkit.config import TrainConfig
 from toolkit.console import Console
-from toolkit.distributed import dist_info
+from toolkit.distributed import DistInfo, dist_info, pause_for_test, set_rng_state
 from toolkit.model import DinoQPM, LinearProbe, SparseHead, join_tokens
 from toolkit.train.engine import Engine
 from toolkit.train.losses import cross_entropy, total_loss
@@ -30,19 +32,49 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+class ResumableSampler(DistributedSampler):
+    """This rank's share of a shuffled epoch (DistributedSampler), optionally from sample `start` on.
+
+    The order depends only on (seed, epoch), and skipping happens in the sampler, so a run resumed mid-epoch sees
+    exactly the batches the uninterrupted run saw next, without loading (decoding) the skipped ones.
+    """
+
+    def __init__(self, dataset: Dataset, *, shuffle: bool, seed: int, drop_last: bool = False) -> None:
+        info = dist_info()
+        super().__init__(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False,
-                epoch: int = 0) -> DataLoader:
+                epoch: int = 0, loader_options: dict[str, Any] | None = None) -> DataLoader:
     """A loader over this rank's share (DistributedSampler; one share when a single process runs).
 
-    `batch_size` is per process and per micro-step.
+    `batch_size` is per process and per micro-step. `loader_options` (num_workers, pin_memory, persistent_workers)
+    apply to image datasets (live mode); token batches are one memory-map read and stay in the main process.
+    Without workers, each `iter(loader)` draws its base seed from the global torch RNG, as it always did (so
+    single-process numbers are those of earlier versions; `fit` restores a resumed RNG after that draw); with
+    workers the loader has its own generator, because persistent workers draw only once per stage.
     """
-    info = dist_info()
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle,
-                                 seed=seed, drop_last=drop_last)
+    sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     sampler.set_epoch(epoch)
     # Token batches come pre-collated from TokenDataset.__getitems__ (one memmap read per batch).
-    collate = _identity if isinstance(dataset, TokenDataset) else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last)
+    tokens = isinstance(dataset, TokenDataset)
+    options = {} if tokens else dict(loader_options or {})
+    if not options.get("num_workers"):
+        options.pop("persistent_workers", None)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_identity if tokens else None,
+                      drop_last=drop_last, generator=torch.Generator().manual_seed(seed) if options.get("num_workers")
+                      else None, **options)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -79,37 +111,68 @@ def forward_loss(model: nn.Module, patch: torch.Tensor, cls: torch.Tensor, label
     return loss, parts, logits
 
 
+def accumulation_group(i: int, n_micro: int, grad_accum: int) -> tuple[int, bool]:
+    """(micro-steps in the group of micro-step i, whether i ends its group) for an epoch of n_micro micro-steps.
+
+    Groups are [0, g), [g, 2g), ...; the last one may be shorter and is stepped at the epoch's end, so nothing
+    carries over into the next epoch and an epoch has ceil(n_micro / g) optimiser steps.
+    """
+    full = (n_micro // grad_accum) * grad_accum
+    group = grad_accum if i < full else n_micro - full
+    return group, (i + 1) % grad_accum == 0 or i + 1 == n_micro
+
+
+def optimizer_steps_per_epoch(n_samples: int, *, micro_batch: int, grad_accum: int) -> int:
+    """ceil(micro-steps / grad_accum), micro-steps = ceil(this rank's share / micro_batch) (DistributedSampler pads
+    the shares to equal length, so every rank has the same count)."""
+    per_rank = -(-n_samples // dist_info().world_size)
+    n_micro = -(-per_rank // micro_batch)
+    return -(-n_micro // grad_accum)
+
+
 def train_epoch(engine: Engine, loader: DataLoader, cfg: TrainConfig, *, backbone: nn.Module | None,
-                console: Console, desc: str, on_step: Callable[[int], None] | None = None,
-                skip_steps: int = 0) -> dict[str, float]:
+                console: Console, desc: str, grad_accum: int = 1, start: int = 0,
+                on_step: Callable[[int, bool, dict[str, float]], None] | None = None,
+                partial: dict[str, float] | None = None,
+                after_iter: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over this rank's share; metrics are averaged over all ranks.
 
     Args:
-        skip_steps: micro-steps already done in this epoch (resume from a mid-epoch checkpoint).
-        on_step: called after each micro-step with the number of micro-steps done in this epoch.
+        grad_accum: micro-steps per optimiser step (the epoch's last group may be shorter, see
+            `accumulation_group`).
+        start: micro-steps of this epoch already done (the loader's sampler starts after them).
+        on_step: called after each micro-step with (micro-steps done in this epoch, whether the optimiser stepped,
+            this rank's running metric sums).
+        partial: this rank's metric sums of the micro-steps before `start` (resume), so the epoch's metrics are
+            those of the uninterrupted epoch.
+        after_iter: called once the loader's iterator exists (a mid-epoch resume restores the RNG streams there).
     """
     engine.module.train()
-    sums: dict[str, float] = {}
-    correct = seen = 0
-    for i, batch in enumerate(console.progress(loader, total=len(loader), desc=desc)):
-        if i < skip_steps:
-            continue
+    sums: dict[str, float] = dict(partial or {})
+    n_micro = start + len(loader)
+    batches = iter(loader)  # may draw the loader's base seed from the global RNG
+    if after_iter is not None:
+        after_iter()
+    for j, batch in enumerate(console.progress(batches, total=len(loader), desc=desc)):
+        i = start + j
+        group, boundary = accumulation_group(i, n_micro, grad_accum)
         patch, cls = batch_tokens(batch, backbone, engine.device)
-        labels = batch["label"].to(engine.device)
+        labels = batch["label"].to(engine.device, non_blocking=True)
         with torch.autocast(engine.device.type, dtype=engine.autocast_dtype or torch.float32,
                             enabled=engine.autocast_dtype is not None):
             loss, parts, logits = forward_loss(engine.module, patch, cls, labels, cfg)
-        engine.backward(loss)
+        engine.backward(loss, group=group, boundary=boundary)
         engine.step()
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
-        seen += len(labels)
+        sums["_correct"] = sums.get("_correct", 0.0) + int((logits.argmax(1) == labels).sum())
+        sums["_seen"] = sums.get("_seen", 0.0) + len(labels)
         if on_step is not None:
-            on_step(i + 1)
-    totals = _all_reduce([*sums.values(), correct, seen])
+            on_step(i + 1, boundary, sums)
+    names = [k for k in sums if not k.startswith("_")]
+    totals = _all_reduce([*(sums[k] for k in names), sums.get("_correct", 0.0), sums.get("_seen", 0.0)])
     n = max(totals[-1], 1.0)
-    out = {k: v / n for k, v in zip(sums, totals[: len(sums)])}
+    out = {k: v / n for k, v in zip(names, totals[: len(names)])}
     out["train_accuracy"] = totals[-2] / n
     return out
 
@@ -135,6 +198,21 @@ class Outputs:
         return float((self.logits.argmax(1) == self.labels).mean()) if len(self.labels) else 0.0
 
 
+# True while one rank evaluates on its own (the evaluation stage runs on rank 0 only): `evaluate` then covers the
+# whole split in this process instead of its share, and waits for no other rank.
+_LOCAL_EVALUATION: ContextVar[bool] = ContextVar("_LOCAL_EVALUATION", default=False)
+
+
+@contextmanager
+def local_evaluation() -> Iterator[None]:
+    """Within this block `evaluate` runs over the whole split in this process (no collectives)."""
+    token = _LOCAL_EVALUATION.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_EVALUATION.reset(token)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
              backbone: nn.Module | None = None, console: Console | None = None, desc: str = "eval",
@@ -145,7 +223,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
         head_inputs: features are what the head reads (CLS for the probe, (f - mu) / sigma for the sparse head)
             instead of the pooled features (None for the probe).
     """
-    info = dist_info()
+    info = dist_info() if not _LOCAL_EVALUATION.get() else DistInfo()
     model.eval()
     core = unwrap(model)
     indices = list(range(info.rank, len(dataset), info.world_size))  # no padding, unlike DistributedSampler
@@ -220,41 +298,67 @@ def micro_batch_size(cfg: TrainConfig, *, grad_accum: int, key: str) -> int:
 
 
 def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, seed: int,
-        backbone: nn.Module | None, console: Console, name: str,
+        backbone: nn.Module | None, console: Console, name: str, grad_accum: int = 1,
         resume: Callable[[Engine], dict[str, Any] | None] | None = None,
-        checkpoint: Callable[[Engine, dict[str, Any]], None] | None = None,
-        every: int = 0, on_epoch: Callable[[str, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        checkpoint: Callable[[Engine, dict[str, Any], dict[str, Any]], None] | None = None,
+        every: int = 0, on_epoch: Callable[[str, dict[str, float]], None] | None = None,
+        loader_options: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Train for `cfg.epochs`, optionally resuming from and writing resumable checkpoints.
 
     Args:
-        resume: returns the client state of the last complete checkpoint (loading it into the engine), or None.
-        checkpoint: writes a resumable checkpoint with the given client state.
-        every: also checkpoint every this many micro-steps (0 = at epoch ends only).
+        grad_accum: micro-steps per optimiser step (exact per epoch, see `accumulation_group`).
+        resume: returns the state of the last complete checkpoint (loading it into the engine), or None. The
+            state holds "epoch", "step" (micro-steps done in that epoch), "history", and this rank's "partial"
+            metric sums and "rng" streams, which are restored where the uninterrupted run stood.
+        checkpoint: writes a resumable checkpoint: (engine, shared state, this rank's state).
+        every: also checkpoint every this many optimiser steps, counted over the whole stage (0 = at epoch ends
+            only).
         on_epoch: called on every rank after each epoch (and its checkpoint) with (name, that epoch's history
             entry); sweeps use it to report progress to a scheduler.
+        loader_options: DataLoader worker settings for image datasets (live mode).
     """
     state = resume(engine) if resume else None
     history: list[dict[str, float]] = list(state["history"]) if state else []
     start, skip = (state["epoch"], state["step"]) if state else (0, 0)
     if state:
-        console.log(f"{name}: resumed at epoch {start + 1}, step {skip}")
+        console.log(f"{name}: resumed at epoch {start + 1}, micro-step {skip}")
+    loader = make_loader(train, batch_size=micro_batch, shuffle=True, seed=seed, loader_options=loader_options)
+    sampler = loader.sampler
+    assert isinstance(sampler, ResumableSampler)
+    n_micro = -(-sampler.num_samples // micro_batch)
+    per_epoch = -(-n_micro // grad_accum)
     for epoch in range(start, cfg.epochs):
-        loader = make_loader(train, batch_size=micro_batch, shuffle=True, seed=seed, epoch=epoch)
+        first = skip if epoch == start else 0
+        sampler.set_epoch(epoch)
+        sampler.set_start(first * micro_batch)
 
-        def on_step(step: int, epoch: int = epoch, n_steps: int = len(loader)) -> None:
-            if checkpoint and every and step % every == 0 and step < n_steps:
-                checkpoint(engine, {"epoch": epoch, "step": step, "history": history})
+        def on_step(step: int, stepped: bool, sums: dict[str, float], epoch: int = epoch) -> None:
+            done = epoch * per_epoch + -(-step // grad_accum)  # optimiser steps of the stage so far
+            if checkpoint and every and stepped and done % every == 0 and step < n_micro:
+                checkpoint(engine, {"epoch": epoch, "step": step, "history": history, "optimizer_step": done},
+                           {"partial": dict(sums)})
+                pause_for_test(name, done)
 
+        restore = None
+        if state and epoch == start and state.get("rng") is not None:
+            rng = state["rng"]
+            if first:  # saved after this epoch's loader iterator was made: restore after it is made again
+                restore = lambda rng=rng: set_rng_state(rng)  # noqa: E731
+            else:  # saved at the end of the previous epoch, before the iterator
+                set_rng_state(rng)
         t0 = time.perf_counter()
         metrics = train_epoch(engine, loader, cfg, backbone=backbone, console=console,
-                              desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", on_step=on_step,
-                              skip_steps=skip if epoch == start else 0)
+                              desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", grad_accum=grad_accum, start=first,
+                              on_step=on_step, partial=state.get("partial") if state and epoch == start else None,
+                              after_iter=restore)
         metrics["seconds"] = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, **{k: round(v, 6) for k, v in metrics.items()}})
         console.log(f"{name} epoch {epoch + 1}/{cfg.epochs}: "
                     + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if checkpoint:
-            checkpoint(engine, {"epoch": epoch + 1, "step": 0, "history": history})
+            done = (epoch + 1) * per_epoch
+            checkpoint(engine, {"epoch": epoch + 1, "step": 0, "history": history, "optimizer_step": done}, {})
+            pause_for_test(name, done)
         if on_epoch is not None:
             on_epoch(name, history[-1])
     return history

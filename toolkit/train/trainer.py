@@ -7,6 +7,7 @@ stage's artefact is published.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,9 +20,18 @@ from torch.utils.data import Dataset
 
 from toolkit.config import RuntimeConfig, TrainConfig
 from toolkit.console import Console
-from toolkit.distributed import deepspeed_requested, dist_info
+from toolkit.distributed import (
+    barrier,
+    broadcast_module,
+    convert_sync_batchnorm,
+    deepspeed_requested,
+    dist_info,
+    revert_sync_batchnorm,
+    rng_state,
+)
+from toolkit.files import atomic_write_bytes
 from toolkit.train.engine import Engine, TorchEngine
-from toolkit.train.loop import Outputs, evaluate, fit, micro_batch_size
+from toolkit.train.loop import Outputs, evaluate, fit, micro_batch_size, optimizer_steps_per_epoch
 
 EngineFactory = Callable[[nn.Module, TrainConfig, int, str], Engine]  # (module, cfg, total_steps, stage) -> Engine
 
@@ -49,6 +59,8 @@ class TrainContext:
     eval_batch_size: int = 64
     backbone: nn.Module | None = None  # live mode only: the frozen backbone that turns images into tokens
     on_epoch: Callable[[str, dict[str, float]], None] | None = None  # (stage, epoch metrics) after each epoch
+    on_engine: Callable[[str, str], None] | None = None  # (stage, engine description) when a stage's engine starts
+    loader_options: dict[str, Any] | None = None  # DataLoader workers / pinned memory for image batches (live mode)
 
 
 def work_dir(root: Path, stage: str, key: str) -> Path:
@@ -63,26 +75,59 @@ def drop_work_dir(root: Path, stage: str, key: str) -> None:
 
 def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainContext, *, name: str,
                 work: Path) -> list[dict[str, float]]:
-    """Train `model` in place on the train split through an engine; resumable from `work/resume`."""
+    """Train `model` in place on the train split through an engine; resumable from `work/resume`.
+
+    Under several ranks the BatchNorms pool their statistics over all ranks while training (`SyncBatchNorm1d`), so
+    N ranks train the model one process would. Afterwards `model` holds the engine's fp32 master weights (not the
+    bf16 copy a bf16 engine computed with), identical on every rank.
+    """
     micro = micro_batch_size(cfg, grad_accum=ctx.grad_accum, key=name)
     dataset: Dataset = train.dataset()
-    steps_per_epoch = -(-len(dataset) // (micro * dist_info().world_size) // ctx.grad_accum)
-    engine = ctx.make_engine(model, cfg, max(1, steps_per_epoch * cfg.epochs), name)
+    total = optimizer_steps_per_epoch(len(dataset), micro_batch=micro, grad_accum=ctx.grad_accum) * cfg.epochs
+    synced = convert_sync_batchnorm(model)
+    engine = ctx.make_engine(model, cfg, max(1, total), name)
+    if ctx.on_engine is not None:
+        ctx.on_engine(name, engine.describe() + (f", {synced} synchronised BatchNorms" if synced else ""))
     resume_dir = work / "resume"
+    rank = dist_info().rank
+
+    def rank_file(state: dict[str, Any]) -> Path:
+        return resume_dir / "rank-state" / f"epoch{state['epoch']}-step{state['step']}.rank{rank}.pkl"
 
     def resume(engine: Engine) -> dict[str, Any] | None:
         if not (ctx.resume and (resume_dir / "latest").is_file()):
             return None
-        return engine.load(resume_dir)
+        state = engine.load(resume_dir)
+        own = rank_file(state)
+        if not own.is_file():
+            raise FileNotFoundError(f"{own} is missing: the checkpoint in {resume_dir} is incomplete; delete that "
+                                    "folder to restart the stage from scratch")
+        mine = pickle.loads(own.read_bytes())  # our own file, written by `checkpoint` below
+        return {**state, "partial": mine.get("partial"), "rng": mine["rng"]}
 
-    def checkpoint(engine: Engine, state: dict[str, Any]) -> None:
+    def checkpoint(engine: Engine, state: dict[str, Any], mine: dict[str, Any]) -> None:
+        # This rank's RNG streams and partial metric sums first; the engine's `latest` pointer (written after a
+        # barrier inside `save`) then only ever names a checkpoint whose rank files are complete.
+        path = rank_file(state)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, pickle.dumps({**mine, "rng": rng_state()}))
+        barrier()
         engine.save(resume_dir, state)
+        for old in path.parent.glob(f"*.rank{rank}.pkl"):
+            if old != path:
+                old.unlink(missing_ok=True)
 
-    history = fit(engine, dataset, cfg, micro_batch=micro, seed=ctx.seed, backbone=ctx.backbone,
-                  console=ctx.console, name=name, resume=resume,
-                  checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
-                  every=ctx.checkpoint_every, on_epoch=ctx.on_epoch)
-    model.float()  # bf16 engines leave bf16 parameters; evaluation and checkpoints are fp32
+    try:
+        history = fit(engine, dataset, cfg, micro_batch=micro, seed=ctx.seed, backbone=ctx.backbone,
+                      console=ctx.console, name=name, grad_accum=ctx.grad_accum, resume=resume,
+                      checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
+                      every=ctx.checkpoint_every, on_epoch=ctx.on_epoch, loader_options=ctx.loader_options)
+        master = engine.master_state_dict()
+    finally:
+        revert_sync_batchnorm(model)
+    model.float()  # a bf16 engine cast the parameters; the master weights below replace their values
+    model.load_state_dict(master)
+    broadcast_module(model)  # one model on every rank, whatever the engine did with buffers
     return history
 
 

