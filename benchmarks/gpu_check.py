@@ -31,15 +31,12 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import torch
+
+from toolkit.config import AdapterConfig, BackboneConfig, load_config
+from toolkit.model import build_dense_model, create_backbone, join_tokens, load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this folder is sys.path[0] and benchmarks/onnx.py would shadow the `onnx` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from toolkit.config import AdapterConfig, BackboneConfig, load_config  # noqa: E402
-from toolkit.model import build_dense_model, create_backbone, join_tokens, load_checkpoint  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s, without sparsity) by device name; --peak-tflops overrides.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
@@ -168,10 +165,7 @@ def full_run(smoke: bool, work: Path) -> tuple[list[str], Path]:
 
 
 def exporter() -> Path:
-    for name in ("to_onnx.py", "onnx.py"):  # export/onnx.py is being renamed to export/to_onnx.py
-        if (ROOT / "export" / name).is_file():
-            return ROOT / "export" / name
-    raise FileNotFoundError("no exporter: neither export/to_onnx.py nor export/onnx.py exists")
+    return ROOT / "export" / "to_onnx.py"
 
 
 def onnx_vs_torch(smoke: bool, device: torch.device, run: Path, work: Path) -> list[str]:

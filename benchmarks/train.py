@@ -12,27 +12,21 @@ backbone, so the extraction gain shows on GPUs, where the backbone does not need
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
-# Run as a script, this folder is sys.path[0] and benchmarks/onnx.py would shadow the `onnx` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from torch.utils.data import DataLoader  # noqa: E402
-
-from toolkit.cache import ImageDataset, loader_options  # noqa: E402
-from toolkit.config import load_config  # noqa: E402
-from toolkit.console import Console  # noqa: E402
-from toolkit.data import load_dataset, make_transform  # noqa: E402
-from toolkit.model import build_dense_model, create_backbone  # noqa: E402
-from toolkit.stages.tokens import build_tokens, live_split  # noqa: E402
-from toolkit.train import TorchEngine  # noqa: E402
-from toolkit.train.loop import make_loader, train_epoch  # noqa: E402
+from toolkit.cache import ImageDataset, loader_options
+from toolkit.config import load_config
+from toolkit.console import Console
+from toolkit.data import load_dataset, make_transform
+from toolkit.model import build_dense_model, create_backbone
+from toolkit.stages.tokens import build_tokens, live_split
+from toolkit.train import TorchEngine
+from toolkit.train.loop import make_loader, train_epoch
 
 
 def dense_epoch_seconds(split, cfg, backbone) -> float:
