@@ -39,7 +39,9 @@ NO_DROPOUT = ["dense.dropout=0", "probe.dropout=0", "runtime.progress=false"]
 # gradient is zero up to rounding, and AdamW's normalised update turns that rounding noise into lr-sized steps.
 # Observed: ~1e-6 for the rest. Fine-tuning then starts
 # from features that differ by that noise and amplifies it (lr 2e-2), so the final model is compared by accuracy.
-TOL = 1e-4
+TOL = 1e-4  # the dense model: only the order of the all-reduce sums differs from one process
+FINAL_TOL = 1e-3  # the fine-tuned model: the dense model's rounding differences, amplified by 6 more epochs
+# Pre-BN biases are frozen (BatchNorm cancels them) and the running means absorb them: no training signal there.
 BN_CANCELLED = re.compile(r"adapter\.blocks\.\d+\.(linear\.bias|norm\.running_mean)$")
 # Kill-and-resume with the defaults (BN and dropout on), and an epoch that is not a multiple of grad_accum:
 # 32 images / 2 ranks = 16 per rank, micro-batch 24 / (2 x 4) = 3 -> 6 micro-steps = groups of 4 and 2.
@@ -210,7 +212,8 @@ def test_two_ranks_with_batchnorm_match_one_process(tmp_path: Path) -> None:
     assert manifest["stage_engines"]["dense"].startswith("deepspeed (ZeRO stage 0, 2 ranks")
     _single(tmp_path, "one", NO_DROPOUT)
     assert json.loads((tmp_path / "one" / "runs" / "r" / "manifest.json").read_text())["engine"] == "one process"
-    _compare(_result(tmp_path, "two"), _result(tmp_path, "one"), "2 ranks vs 1 process (BatchNorm on), final")
+    final = _compare(_result(tmp_path, "two"), _result(tmp_path, "one"), "2 ranks vs 1 process (BatchNorm on), final")
+    assert final <= FINAL_TOL, f"max weight difference of the fine-tuned model {final} > {FINAL_TOL}"
     two, one = _dense_weights(tmp_path, "two"), _dense_weights(tmp_path, "one")
     diff = _max_diff(two, one, BN_CANCELLED)
     print(f"dense model: max weight difference {diff:.3g} (BN-cancelled biases and running means excluded; "

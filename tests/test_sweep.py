@@ -326,7 +326,7 @@ def tiny_sweep(local_ray, tmp_path_factory: pytest.TempPathFactory) -> tuple[run
     """One 4-trial FIFO sweep on the tiny config: qp.n_per_class on a grid with one impossible value (9 > the 6
     features), the fine-tune sparsity weight random; two trials at a time, so shared stages are contended."""
     tmp = tmp_path_factory.mktemp("sweep")
-    space = "finetune.l1_maps: {loguniform: [0.5, 5.0]}\nqp.n_per_class: {grid: [1, 2, 3, 9]}\n"
+    space = "finetune.l1_maps: {loguniform: [0.5, 5.0]}\nqp.n_per_class: {grid: [2, 3, 4, 9]}\n"
     return _sweep(tmp, space, cpus_per_trial=1), tmp / "artifacts"
 
 
@@ -374,7 +374,7 @@ def test_impossible_trial_fails_with_its_reason_and_the_sweep_goes_on(tiny_sweep
     failed = [r for r in summary.rows if r.status == "failed"]
     assert len(failed) == 1 and failed[0].params["qp.n_per_class"] == 9
     assert failed[0].reason.startswith("ConfigError: config key 'qp.n_per_class'") and "got 9" in failed[0].reason
-    assert sorted(r.params["qp.n_per_class"] for r in summary.rows if r.status == "ok") == [1, 2, 3]
+    assert sorted(r.params["qp.n_per_class"] for r in summary.rows if r.status == "ok") == [2, 3, 4]
     assert "got 9" in (summary.output / "table.txt").read_text()
 
 
@@ -413,7 +413,7 @@ def test_two_trials_with_two_workers_each_finish_on_two_cpus(tmp_path: Path) -> 
     a 2-CPU Ray, so the trials queue; ASHA as in the README. Each trial trains with Ray Train's TorchTrainer and
     the DeepSpeed engine; worker lines are printed once, and nothing from Ray follows the summary."""
     space = tmp_path / "space.yaml"
-    space.write_text("finetune.l1_maps: {loguniform: [0.5, 5.0]}\nqp.n_per_class: {choice: [1, 2]}\n")
+    space.write_text("finetune.l1_maps: {loguniform: [0.5, 5.0]}\nqp.n_per_class: {choice: [2, 3]}\n")
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not this module's
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
@@ -462,13 +462,13 @@ def test_a_trial_whose_workers_cannot_start_fails_with_its_reason_and_the_others
         def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
             remove_placement_group(blocker)
 
-    summary = _sweep(tmp_path, "qp.n_per_class: {grid: [1, 2]}\n", callbacks=[FreeTheCpuAfterTheFailure()],
+    summary = _sweep(tmp_path, "qp.n_per_class: {grid: [2, 3]}\n", callbacks=[FreeTheCpuAfterTheFailure()],
                      workers_per_trial=2, worker_start_timeout_s=2.0, max_retries=1)
-    first, second = summary.rows  # grid order: trial _00000 draws 1, _00001 draws 2
-    assert first.status == "failed" and first.params["qp.n_per_class"] == 1
+    first, second = summary.rows  # grid order: trial _00000 draws 2, _00001 draws 3
+    assert first.status == "failed" and first.params["qp.n_per_class"] == 2
     assert first.reason.startswith("TrialWorkersFailed: its 2 workers (1 CPU each) could not start")
     assert "within 2 s, 2 attempt(s)" in first.reason
-    assert second.status == "ok" and second.params["qp.n_per_class"] == 2, second.reason
+    assert second.status == "ok" and second.params["qp.n_per_class"] == 3, second.reason
     assert "failed: TrialWorkersFailed: its 2 workers" in (summary.output / "table.txt").read_text()
     with (summary.output / "trials.csv").open() as f:
         assert [r["reason"] for r in csv.DictReader(f)] == [first.reason, ""]
@@ -491,7 +491,7 @@ def test_an_interrupted_sweep_resumes_through_tune_restore(local_ray, tmp_path: 
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGINT)
 
-    space = "qp.n_per_class: {grid: [1, 2]}\n"
+    space = "qp.n_per_class: {grid: [2, 3]}\n"
     first = _sweep(tmp_path, space, callbacks=[CtrlCAfterTheFirstTrial()], max_concurrent=1)
     # One trial at a time: the second was not even sampled when the sweep stopped.
     assert first.unfinished == 1 and [r.status for r in first.rows] == ["ok"]
@@ -503,7 +503,7 @@ def test_an_interrupted_sweep_resumes_through_tune_restore(local_ray, tmp_path: 
     assert resumed.rows[0].trial_id == done.trial_id  # the same experiment, continued
     again = next(r for r in resumed.rows if r.trial_id == done.trial_id)
     assert again.get("seconds") == done.get("seconds")  # the finished trial was kept, not run again
-    assert sorted(r.params["qp.n_per_class"] for r in resumed.rows) == [1, 2]
+    assert sorted(r.params["qp.n_per_class"] for r in resumed.rows) == [2, 3]
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def was_cached(directory: Path) -> bool | None:
     """Whether this process loaded `directory` from the cache (None if it never asked for it)."""
     return _HITS.get(str(directory))
 # Bump when a stage's maths changes in a way that invalidates artefacts made by older code.
-CODE_VERSION = "2"  # 2: synchronised BatchNorm, exact accumulation, fp32 master weights
+CODE_VERSION = "3"  # 2: synchronised BatchNorm, exact accumulation, fp32 master weights; 3: pre-BN biases frozen
 
 
 def library_versions() -> dict[str, str]:

@@ -65,6 +65,12 @@ class TokenBlock(nn.Module):
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim)
         self.norm: nn.BatchNorm1d | None = nn.BatchNorm1d(out_dim) if batch_norm else None
+        if batch_norm:
+            # BatchNorm subtracts the mean of every channel, so a bias in front of it cancels exactly and its true
+            # gradient is 0. Training it anyway lets AdamW turn rounding noise into lr-sized steps, which is all that
+            # differs between N ranks and one process; it stays (for the parameter count and the checkpoint layout)
+            # but is frozen.
+            self.linear.bias.requires_grad_(False)
         self.act = _activation(activation)
 
     def forward(self, x: Tensor) -> Tensor:
