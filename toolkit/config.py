@@ -43,7 +43,7 @@ from pydantic_core import ErrorDetails
 
 __all__ = [
     "AdapterConfig", "BackboneConfig", "CacheConfig", "ConfigError", "DataConfig", "DenseConfig", "ExportConfig",
-    "FinetuneConfig", "ProbeConfig", "QPConfig", "RunConfig", "RuntimeConfig", "TrainConfig", "check_key",
+    "FinetuneConfig", "ProbeConfig", "ProbeDinov2Config", "QPConfig", "RunConfig", "RuntimeConfig", "TrainConfig", "check_key",
     "check_value", "dump_config", "load_config", "load_yaml", "parse_value", "replace", "resolved_yaml",
     "save_config", "to_dict", "validate_overrides",
 ]
@@ -153,6 +153,12 @@ class DataConfig(_Section):
     seed: NonNegInt = 0  # seed of the subset draw (independent of the training seed)
     # Reference quirk of RobertZimm/DINO-QPM: per-image min-max rescale to [0, 1] after Normalize.
     reference_minmax: bool = False
+    # timm: bicubic antialiased resize, the backbone's (ImageNet) mean/std; reference: the reference code's bilinear
+    # resize, dataset mean/std (CUB, Cars; others keep the backbone's) and per-image min-max (docs/method.md#data).
+    preprocess: Literal["timm", "reference"] = "timm"
+    # Object mask -> patch grid: box = area average, any object (> 0); bilinear = the reference's cv2 bilinear
+    # resize then > 0, which marks fewer border cells (docs/method.md#metrics).
+    mask_resize: Literal["box", "bilinear"] = "box"
     num_classes: Annotated[int, Field(ge=2)] | None = None  # synthetic only (default 3): number of classes
     synthetic_size: PosInt | None = None  # synthetic only (default 12): images per class and split
 
@@ -244,9 +250,19 @@ class TrainConfig(_Section):
     lr: PosFloat = 1e-3  # peak learning rate (AdamW)
     weight_decay: NonNegFloat = 7e-4  # AdamW decoupled weight decay
     schedule: Literal["constant", "cosine"] = "cosine"  # learning-rate schedule over all steps
+    # adamw: torch AdamW with `schedule`; schedulefree_adamw: the reference's schedule-free AdamW (package
+    # schedulefree; needs schedule=constant; the trained weights are its averaged evaluation weights).
+    optimizer: Literal["adamw", "schedulefree_adamw"] = "adamw"
     diversity_weight: NonNegFloat = 0.5  # beta of the feature-diversity loss (arXiv 2604.07166)
     l1_maps: NonNegFloat = 0.0  # weight of mean |M| over the (selected) feature maps
     l1_vector: NonNegFloat = 0.0  # weight of mean |f| over the (selected) pooled features
+
+    @model_validator(mode="after")
+    def _schedule_free_is_constant(self) -> TrainConfig:
+        if self.optimizer == "schedulefree_adamw" and self.schedule != "constant":
+            raise _Invalid("schedule", "schedule-free AdamW replaces the learning-rate schedule; set schedule: "
+                                       f"constant with optimizer: schedulefree_adamw (got {self.schedule!r})")
+        return self
 
 
 class DenseConfig(TrainConfig):
@@ -280,6 +296,36 @@ class ProbeConfig(TrainConfig):
     dropout: Fraction = 0.2  # drop probability on the CLS vector before the linear head
 
 
+class ProbeDinov2Config(_Section):
+    """DINOv2's linear-evaluation protocol as a second baseline (Oquab et al., arXiv 2304.07193, linear.py).
+
+    Linear heads on the CLS tokens of the last n blocks, optionally concatenated with the average patch token, are
+    trained side by side for every (n, pooling, learning rate); the best on a held-out share of the train split is
+    retrained on the whole train split and scored on the test split (docs/method.md#baselines).
+    """
+
+    section: ClassVar[str] = "probe_dinov2"
+
+    enabled: bool = True  # train this baseline (it reads the token cache; off in live mode)
+    epochs: PosInt = 10  # passes over the train split (DINOv2: 12,500 iterations at batch 1024 on ImageNet)
+    batch_size: PosInt = 256  # DINOv2's learning rates are scaled by batch_size / 256
+    n_blocks: list[Annotated[int, Field(ge=1, le=4)]] = Field(default_factory=lambda: [1, 4])  # CLS of last n blocks
+    avgpool: list[bool] = Field(default_factory=lambda: [False, True])  # also concatenate the average patch token
+    lrs: list[PosFloat] = Field(default_factory=lambda: [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3,
+                                                         1e-2, 2e-2, 5e-2, 0.1])  # DINOv2's grid, before scaling
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # held-out share of the train split for the choice
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> ProbeDinov2Config:
+        for name in ("n_blocks", "avgpool", "lrs"):
+            if not getattr(self, name):
+                raise _Invalid(name, "must list at least one value")
+        return self
+
+
+QPRule = Literal["reference", "single_scale"]
+
+
 class QPConfig(_Section):
     """QPM feature selection: k features globally, m per class, as a quadratic (MILP) problem."""
 
@@ -289,6 +335,10 @@ class QPConfig(_Section):
     n_per_class: Annotated[int, Field(ge=1)] = 5  # m: features per class, <= k
     redundancy_threshold: float | None = None  # tau on the scale of R; None = lowest tau with k compatible features
     redundancy_weight: NonNegFloat = 1.0  # w: weight of the R penalty on selected pairs above tau
+    # reference: RobertZimm/DINO-QPM's rule (tau searched on R + R^T, pairs R >= tau, penalty R min-max rescaled
+    # over its nonzeros, negative cosines kept); single_scale: tau found and applied on R, penalty w * R, negatives
+    # clipped (docs/method.md#qp).
+    redundancy_rule: QPRule = "reference"
     solver: Literal["auto", "highs", "scip", "gurobi", "heuristic"] = "auto"  # MILP backend (auto: best installed)
     time_limit: PosFloat = 60.0  # seconds for the whole solve: heuristic search, bound and MILP
     mip_gap: Fraction = 0.005  # relative gap at which the MILP stops (the reference's MIPGap)
@@ -345,6 +395,7 @@ class RunConfig(_Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     dense: DenseConfig = Field(default_factory=DenseConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    probe_dinov2: ProbeDinov2Config = Field(default_factory=ProbeDinov2Config)
     qp: QPConfig = Field(default_factory=QPConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

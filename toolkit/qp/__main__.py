@@ -1,7 +1,7 @@
 """Command line: solve the QPM selection for an inputs file and write the answer with its certificate.
 
     python -m toolkit.qp --inputs X.npz --n-features K --n-per-class M [--redundancy-threshold T]
-        [--redundancy-weight W] [--time-limit S] [--solver auto|highs|scip|gurobi|heuristic] --out Y.json
+        [--redundancy-weight W] [--redundancy-rule reference|single_scale] [--time-limit S] [--solver auto|highs|scip|gurobi|heuristic] --out Y.json
 
 X.npz holds `A` (F, C) and optionally `R` (F, F) (cosine of A's rows when absent). Y.json holds selected,
 assignment, objective, bound, gap, status, seconds, solver, solver_version, tau, lazy_rounds and input_sha256.
@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="tau; default: lowest threshold with K pairwise-compatible features")
     ap.add_argument("--redundancy-weight", type=float, default=defaults.redundancy_weight, metavar="W",
                     help=f"w, weight of the R penalty (default {defaults.redundancy_weight})")
+    ap.add_argument("--redundancy-rule", default=defaults.redundancy_rule, choices=("reference", "single_scale"),
+                    help="reference: RobertZimm/DINO-QPM's threshold and penalty; single_scale: tau and penalty on "
+                         f"R itself (default {defaults.redundancy_rule})")
     ap.add_argument("--time-limit", type=float, default=defaults.time_limit, metavar="S",
                     help=f"seconds for bound and MILP (default {defaults.time_limit:g})")
     ap.add_argument("--mip-gap", type=float, default=defaults.mip_gap, metavar="G",
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = QPConfig(n_features=args.n_features, n_per_class=args.n_per_class,
                        redundancy_threshold=args.redundancy_threshold, redundancy_weight=args.redundancy_weight,
-                       solver=args.solver, time_limit=args.time_limit, mip_gap=args.mip_gap)
+                       redundancy_rule=args.redundancy_rule, solver=args.solver, time_limit=args.time_limit, mip_gap=args.mip_gap)
     except ConfigError as exc:
         msg = str(exc)
         for key, flag in _FLAGS.items():

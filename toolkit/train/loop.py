@@ -24,6 +24,7 @@ from toolkit.distributed import dist_info
 from toolkit.model import DinoQPM, LinearProbe, SparseHead, join_tokens
 from toolkit.train.engine import Engine
 from toolkit.train.losses import cross_entropy, total_loss
+from toolkit.train.optim import set_optimizer_mode
 
 
 def _identity(batch: Any) -> Any:
@@ -89,6 +90,7 @@ def train_epoch(engine: Engine, loader: DataLoader, cfg: TrainConfig, *, backbon
         on_step: called after each micro-step with the number of micro-steps done in this epoch.
     """
     engine.module.train()
+    set_optimizer_mode(engine, train=True)  # schedule-free: gradients at the interpolated point
     sums: dict[str, float] = {}
     correct = seen = 0
     for i, batch in enumerate(console.progress(loader, total=len(loader), desc=desc)):
@@ -257,4 +259,5 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
             checkpoint(engine, {"epoch": epoch + 1, "step": 0, "history": history})
         if on_epoch is not None:
             on_epoch(name, history[-1])
+    set_optimizer_mode(engine, train=False)  # schedule-free: the model now holds the averaged weights
     return history
