@@ -43,8 +43,8 @@ from pydantic_core import ErrorDetails
 
 __all__ = [
     "AdapterConfig", "BackboneConfig", "CacheConfig", "ConfigError", "DataConfig", "DenseConfig", "ExportConfig",
-    "FinetuneConfig", "ProbeConfig", "ProbeDinov2Config", "QPConfig", "RunConfig", "RuntimeConfig", "TrainConfig", "check_key",
-    "check_value", "dump_config", "load_config", "load_yaml", "parse_value", "replace", "resolved_yaml",
+    "FinetuneConfig", "ProbeConfig", "ProbeDinov2Config", "QPConfig", "RunConfig", "RuntimeConfig", "TrainConfig",
+    "check_key", "check_value", "dump_config", "load_config", "load_yaml", "parse_value", "replace", "resolved_yaml",
     "save_config", "to_dict", "validate_overrides",
 ]
 

@@ -1,7 +1,8 @@
 """Command line: solve the QPM selection for an inputs file and write the answer with its certificate.
 
     python -m toolkit.qp --inputs X.npz --n-features K --n-per-class M [--redundancy-threshold T]
-        [--redundancy-weight W] [--redundancy-rule reference|single_scale] [--time-limit S] [--solver auto|highs|scip|gurobi|heuristic] --out Y.json
+        [--redundancy-weight W] [--redundancy-rule reference|single_scale]
+        [--time-limit S] [--solver auto|highs|scip|gurobi|heuristic] --out Y.json
 
 X.npz holds `A` (F, C) and optionally `R` (F, F) (cosine of A's rows when absent). Y.json holds selected,
 assignment, objective, bound, gap, status, seconds, solver, solver_version, tau, lazy_rounds and input_sha256.
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = QPConfig(n_features=args.n_features, n_per_class=args.n_per_class,
                        redundancy_threshold=args.redundancy_threshold, redundancy_weight=args.redundancy_weight,
-                       redundancy_rule=args.redundancy_rule, solver=args.solver, time_limit=args.time_limit, mip_gap=args.mip_gap)
+                       redundancy_rule=args.redundancy_rule, solver=args.solver,
+                       time_limit=args.time_limit, mip_gap=args.mip_gap)
     except ConfigError as exc:
         msg = str(exc)
         for key, flag in _FLAGS.items():

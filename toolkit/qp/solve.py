@@ -148,7 +148,8 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
         f"(answer from {best.source})")
     stats = {"answer_source": best.source, "heuristic_objective": heuristic_value, "lagrangian_bound": dual.value,
              "n_pairs": int(len(problem.pw)), "heuristic_seconds": t_heur, "bound_seconds": t_bound,
-             "redundancy_weight": problem.w, "redundancy_rule": cfg.redundancy_rule, "mip_gap": cfg.mip_gap, **milp_info}
+             "redundancy_weight": problem.w, "redundancy_rule": cfg.redundancy_rule,
+             "mip_gap": cfg.mip_gap, **milp_info}
     sel = best.selected.astype(np.int64)
     assignment = [list(fs) for fs in best.assignment]
     return Selection(selected=sel, assignment=assignment, weight=weight_matrix(sel, assignment), objective=value,
