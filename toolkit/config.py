@@ -43,9 +43,9 @@ from pydantic_core import ErrorDetails
 
 __all__ = [
     "AdapterConfig", "BackboneConfig", "CacheConfig", "ConfigError", "DataConfig", "DenseConfig", "ExportConfig",
-    "FinetuneConfig", "ProbeConfig", "ProbeDinov2Config", "QPConfig", "RunConfig", "RuntimeConfig", "TrainConfig",
-    "check_key", "check_value", "dump_config", "load_config", "load_yaml", "parse_value", "replace", "resolved_yaml",
-    "save_config", "to_dict", "validate_overrides",
+    "EvaluateConfig", "FinetuneConfig", "ProbeConfig", "ProbeDinov2Config", "QPConfig", "RunConfig", "RuntimeConfig",
+    "TrainConfig", "check_key", "check_value", "dump_config", "load_config", "load_yaml", "parse_value", "replace",
+    "resolved_yaml", "save_config", "to_dict", "validate_overrides",
 ]
 
 
@@ -350,6 +350,18 @@ class QPConfig(_Section):
         return self
 
 
+class EvaluateConfig(_Section):
+    """What the interpretability metrics are computed on (docs/method.md#metrics)."""
+
+    section: ClassVar[str] = "evaluate"
+
+    # Test images for the map metrics (SID@5, plausibility): a seeded draw of this many; None = the whole test set
+    # (the paper's setting).
+    map_images: PosInt | None = 1000
+    # CUB only: compute Structural Grounding from CUB's attribute annotations when they are present.
+    structural_grounding: bool = True
+
+
 class ExportConfig(_Section):
     """ONNX export of the fine-tuned model and its ONNX Runtime parity gate."""
 
@@ -398,6 +410,7 @@ class RunConfig(_Section):
     probe_dinov2: ProbeDinov2Config = Field(default_factory=ProbeDinov2Config)
     qp: QPConfig = Field(default_factory=QPConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 

@@ -217,7 +217,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
     if info.is_main:
         write_json(run_dir / "metrics.json", metrics)
         if until == "evaluate" and cfg.cache.mode == "cached":  # interpretability metrics read the token cache
-            metrics = evaluate_run(run_dir, console=console)
+            metrics = evaluate_run(run_dir, console=console, max_map_images=cfg.evaluate.map_images)
         console.log("metrics: " + json.dumps({k: v.get("accuracy") for k, v in metrics.items()
                                               if isinstance(v, dict) and "accuracy" in v}))
     barrier()

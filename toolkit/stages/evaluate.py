@@ -70,9 +70,9 @@ def head_weight(model: torch.nn.Module) -> np.ndarray:
     return model.head_weight().detach().cpu().numpy()
 
 
-def map_subset(n: int, limit: int, seed: int) -> np.ndarray:
-    """Sorted indices of at most `limit` of n images, a seeded draw (all of them when n <= limit)."""
-    if n <= limit:
+def map_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of at most `limit` of n images, a seeded draw (all of them when n <= limit or limit is None)."""
+    if limit is None or n <= limit:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
@@ -99,12 +99,14 @@ def _load(path: Path, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def evaluate_run(run_dir: Path, *, max_map_images: int = 1000, console: Console | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, *, max_map_images: int | None = 1000,
+                 console: Console | None = None) -> dict[str, Any]:
     """Metrics of the run's three models merged into run_dir/metrics.json, explanations and report.md.
 
     Args:
         run_dir: a run directory written by `run_pipeline` (until "finetune" or "evaluate").
-        max_map_images: most test images for the map metrics (SID@5, plausibility); a seeded draw above it.
+        max_map_images: most test images for the map metrics (SID@5, plausibility); a seeded draw above it; None =
+            every test image (`evaluate.map_images`).
         console: where progress goes (default: a plain console).
 
     Returns:
