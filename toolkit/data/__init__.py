@@ -27,6 +27,7 @@ from toolkit.data.readers import (
     SyntheticDataset,
     read_cars,
     read_cub,
+    read_cub_class_attributes,
     read_fashion_mnist,
     read_imagefolder,
 )
@@ -42,7 +43,8 @@ REFERENCE_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float,
 }
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "REFERENCE_STATS", "ImageDataset", "Preprocess",
-           "balanced_subset", "describe", "load_dataset", "make_transform", "mask_to_grid", "preprocess_for"]
+           "balanced_subset", "describe", "load_dataset", "make_transform", "mask_to_grid", "preprocess_for",
+           "read_cub_class_attributes"]
 
 
 class ImageDataset(Protocol):

@@ -21,7 +21,7 @@ MODELS = ("linear_probe", "dense", "qpm")
 SID_K = 5
 REPORTED = (("accuracy", "accuracy"), (f"sid_at_{SID_K}", f"SID@{SID_K}"), ("class_independence", "class indep."),
             ("contrastiveness", "contrastiveness"), ("correlation", "correlation (lower = better)"),
-            ("plausibility", "plausibility"))
+            ("plausibility", "plausibility"), ("structural_grounding", "struct. grounding"))
 
 
 def _finite_or_none(x: float) -> float | None:

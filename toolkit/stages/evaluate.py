@@ -37,6 +37,7 @@ import torch
 
 from toolkit.cache import TokenStore
 from toolkit.console import Console
+from toolkit.data import read_cub_class_attributes
 from toolkit.distributed import resolve_device
 from toolkit.explain.report import format_metric, render_explanations, write_report
 from toolkit.files import write_json
@@ -77,7 +78,16 @@ def map_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def evaluate_model(model: torch.nn.Module, run: Run, keep: np.ndarray) -> dict[str, Any]:
+def class_attributes(run: Run) -> np.ndarray | None:
+    """CUB's (C, 312) class-attribute vectors for Structural Grounding, when the run is on CUB and has them."""
+    data = run.cfg.data
+    if data.dataset != "cub" or not run.cfg.evaluate.structural_grounding or data.root is None:
+        return None
+    return read_cub_class_attributes(Path(data.root).expanduser())
+
+
+def evaluate_model(model: torch.nn.Module, run: Run, keep: np.ndarray,
+                   attributes: np.ndarray | None = None) -> dict[str, Any]:
     """The metrics of one model (test split for accuracy and maps, train split for features)."""
     logits, _, maps = model_outputs(model, run.test, keep=keep)
     _, train_features, _ = model_outputs(model, run.train)
@@ -85,7 +95,7 @@ def evaluate_model(model: torch.nn.Module, run: Run, keep: np.ndarray) -> dict[s
     masks = run.test.masks
     out = compute_all(logits=logits[keep], labels=y[keep], maps=maps, features=train_features,
                       head_weight=head_weight(model), masks=None if masks is None else masks[keep], k=SID_K,
-                      seed=run.cfg.runtime.seed, feature_labels=run.train.labels)
+                      seed=run.cfg.runtime.seed, feature_labels=run.train.labels, class_attributes=attributes)
     out["accuracy"] = accuracy(logits, y)
     out["per_class_accuracy"] = [None if np.isnan(a) else float(a)
                                  for a in per_class_accuracy(logits, y, n_classes=logits.shape[1])]
@@ -124,8 +134,9 @@ def evaluate_run(run_dir: Path, *, max_map_images: int | None = 1000,
               "dense": _load(run.stage_dir("dense") / "checkpoint", device),
               "qpm": _load(run_dir / "checkpoint", device)}
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    attributes = class_attributes(run)
     for name, model in models.items():
-        new = evaluate_model(model, run, keep)
+        new = evaluate_model(model, run, keep, attributes)
         section = metrics.setdefault(name, {})
         if "accuracy" in section and abs(section["accuracy"] - new["accuracy"]) > 1e-9:
             console.warn(f"{name}: recomputed accuracy {new['accuracy']:.4f} differs from the pipeline's "
@@ -136,7 +147,8 @@ def evaluate_run(run_dir: Path, *, max_map_images: int | None = 1000,
                              "map_images_seed": run.cfg.runtime.seed, "feature_split": "train",
                              "train_images": len(run.train), "sid_k": SID_K, "plausibility": "gradcam_dilated",
                              "qpm_gradcam_weight": "binary W (reference definition)",
-                             "masks": run.test.masks is not None}
+                             "masks": run.test.masks is not None,
+                             "structural_grounding": "cub class attributes" if attributes is not None else None}
     write_json(run_dir / "metrics.json", metrics)
     qpm = models["qpm"]
     assert isinstance(qpm, DinoQPM)
