@@ -307,7 +307,7 @@ class ProbeDinov2Config(_Section):
     section: ClassVar[str] = "probe_dinov2"
 
     enabled: bool = True  # train this baseline (it reads the token cache; off in live mode)
-    epochs: PosInt = 10  # passes over the train split (DINOv2: 12,500 iterations at batch 1024 on ImageNet)
+    epochs: PosInt = 100  # passes over the train split (DINOv2: 12,500 iterations; small sets need many epochs)
     batch_size: PosInt = 256  # DINOv2's learning rates are scaled by batch_size / 256
     n_blocks: list[Annotated[int, Field(ge=1, le=4)]] = Field(default_factory=lambda: [1, 4])  # CLS of last n blocks
     avgpool: list[bool] = Field(default_factory=lambda: [False, True])  # also concatenate the average patch token

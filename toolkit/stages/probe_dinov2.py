@@ -105,7 +105,7 @@ def train_heads(inputs: list[torch.Tensor], labels: torch.Tensor, lrs: list[floa
 
 @torch.no_grad()
 def _accuracy(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((head(x).argmax(1) == y).float().mean()) if len(y) else 0.0
+    return float((head(x).argmax(1) == y).double().mean()) if len(y) else 0.0
 
 
 def run_probe_dinov2(*, train: TokenStore, test: TokenStore, cfg: ProbeDinov2Config, ctx: TrainContext,
