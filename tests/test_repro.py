@@ -349,3 +349,23 @@ def test_solve_qp_and_cli_use_the_chosen_rule(tmp_path: Path) -> None:
                  "heuristic", "--redundancy-rule", "reference", "--out", str(tmp_path / "y.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "y.json").read_text())["tau"] == 0.5
     assert QPConfig().redundancy_rule == "reference"  # the default reproduces the paper (README)
+
+
+# --------------------------------------------------------------------------------------------- loss ties
+
+
+def test_diversity_loss_splits_the_gradient_of_tied_channels() -> None:
+    """Two channels with identical maps and weights tie at every position: the reference's `amax` splits the
+    gradient evenly between them (max would give all of it to the first); the loss value is the same either way."""
+    from toolkit.train.losses import feature_diversity_loss
+
+    base = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    maps = torch.stack([base, base, torch.zeros(2, 2)])[None].requires_grad_(True)  # (1, 3, 2, 2)
+    features = torch.ones(1, 3)
+    head = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    loss = feature_diversity_loss(maps, features, torch.tensor([[1.0, 0.0]]), head, beta=1.0)
+    loss.backward()
+    # omega = 1/sqrt(2) for both tied channels, a = 1; the spatial softmaxes sum to 1 over the 4 cells.
+    assert loss.item() == pytest.approx(-1 / np.sqrt(2), rel=1e-4)
+    g = maps.grad[0]
+    assert torch.allclose(g[0], g[1]) and g[0].abs().sum() > 0 and g[2].abs().sum() == 0

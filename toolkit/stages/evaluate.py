@@ -14,7 +14,9 @@ What each model feeds in (`compute_all` documents the same mapping):
 * linear_probe: maps = raw patch tokens (N, D, h, w), weight = the probe's Linear weight (C, D), features = CLS
   tokens. The probe reads CLS, not the patches, so its GradCAM/SID are a comparison baseline, not its explanation.
 * dense: maps (N, F, h, w), the dense head weight (C, F), pooled features (N, F).
-* qpm: the k selected maps (N, k, h, w), the binary W (C, k) and the head's standardised inputs (f − μ)/σ.
+* qpm: the k selected maps (N, k, h, w), the binary W (C, k) and the raw pooled features of the k selected maps,
+  as the reference feeds them (its "final features"); class independence and contrastiveness are unchanged by the
+  head's (f − μ)/σ, but the uncentred correlation is not (docs/method.md#differences).
   GradCAM uses W, not W/σ: that is the reference's definition, so plausibility stays comparable with the paper.
   (W/σ would make the GradCAM sum to the logit up to a constant; SID@5 is the same either way for m ≥ 5.)
 
@@ -53,11 +55,11 @@ def model_outputs(model: torch.nn.Module, store: TokenStore, *,
                   keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Logits (N, C), head inputs (N, F') and the maps of the `keep` rows (len(keep), F', h, w) of a cached split.
 
-    Head inputs are what the head reads: CLS for the probe, pooled maps for the dense model, (f − μ)/σ for QPM.
-    Maps of the probe are the raw patch tokens.
+    Features: CLS for the probe (what its head reads), the pooled maps for the dense and QPM models (for QPM the k
+    selected ones, before the head's (f − μ)/σ, as the reference). Maps of the probe are the raw patch tokens.
     """
     dev = next(model.parameters()).device
-    out = evaluate(model, store.dataset(), batch_size=BATCH, device=dev, head_inputs=True)
+    out = evaluate(model, store.dataset(), batch_size=BATCH, device=dev, head_inputs=isinstance(model, LinearProbe))
     maps = store_maps(model, store, keep, batch_size=BATCH) if keep is not None and len(keep) else None
     assert out.features is not None
     return out.logits, out.features, maps
