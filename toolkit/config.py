@@ -30,8 +30,10 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
@@ -95,6 +97,13 @@ def _zero_stage(v: int) -> int:
         raise ValueError(f"must be one of 0, 1, 2 (ZeRO-3 is not supported), got {v}")
     return v
 
+
+def _as_tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+# A YAML list held as a tuple (frozen configs must be hashable), written back as a list.
+ListOf = lambda tp: Annotated[tuple[tp, ...], BeforeValidator(_as_tuple), PlainSerializer(list)]  # noqa: E731
 
 # Checks of one value on its own live in the type (not in model validators), so `check_value` applies them too.
 ImageSize = Annotated[int, Field(gt=0), AfterValidator(_patch_multiple)]
@@ -309,10 +318,10 @@ class ProbeDinov2Config(_Section):
     enabled: bool = True  # train this baseline (it reads the token cache; off in live mode)
     epochs: PosInt = 100  # passes over the train split (DINOv2: 12,500 iterations; small sets need many epochs)
     batch_size: PosInt = 256  # DINOv2's learning rates are scaled by batch_size / 256
-    n_blocks: list[Annotated[int, Field(ge=1, le=4)]] = Field(default_factory=lambda: [1, 4])  # CLS of last n blocks
-    avgpool: list[bool] = Field(default_factory=lambda: [False, True])  # also concatenate the average patch token
-    lrs: list[PosFloat] = Field(default_factory=lambda: [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3,
-                                                         1e-2, 2e-2, 5e-2, 0.1])  # DINOv2's grid, before scaling
+    n_blocks: ListOf(Annotated[int, Field(ge=1, le=4)]) = (1, 4)  # CLS tokens of the last n blocks
+    avgpool: ListOf(bool) = (False, True)  # also concatenate the average patch token
+    lrs: ListOf(PosFloat) = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
+                             0.1)  # DINOv2's learning-rate grid, before scaling by batch_size / 256
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # held-out share of the train split for the choice
 
     @model_validator(mode="after")
