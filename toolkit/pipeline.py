@@ -173,7 +173,9 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
     meta = {"classes": stores["train"].classes, "backbone": cfg.backbone.name,
             "weights_hash": stores["train"].meta["weights"], "image_size": cfg.data.image_size,
             "mean": stores["train"].meta["mean"], "std": stores["train"].meta["std"],
-            "reference_minmax": cfg.data.reference_minmax, "preprocess": cfg.data.preprocess,
+            # min-max is part of the reference preprocessing too; exporters and `explain` read this flag
+            "reference_minmax": cfg.data.reference_minmax or cfg.data.preprocess == "reference",
+            "preprocess": cfg.data.preprocess,
             "interpolation": stores["train"].meta.get("interpolation", "bicubic"),
             "dataset_variant": stores["train"].meta["variant"],
             "config_hash": config_hash(cfg), "toolkit_version": __version__}
