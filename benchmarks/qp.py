@@ -11,7 +11,9 @@ Three redundancy thresholds:
   all pairs on these instances;
 * "dino": twice that tau, which is what the DINO-QPM code effectively penalises (it finds tau on R + R^T but
   compares R, dino_qpm.md §3.4);
-* "q99": tau = the 99th percentile of R, the setting of the qpbench.md prototype (~1 % of pairs).
+* "q99": tau = the 99th percentile of R, the setting of the qpbench.md prototype (~1 % of pairs);
+* "reference_rule": `qp.redundancy_rule=reference`, the DINO-QPM code's rule itself (tau searched on R + R^T,
+  compared with R, negative cosines kept, penalty min-max rescaled); the three above use `single_scale`.
 
 For each, the heuristic (solver="heuristic": greedy + local search + distinct assignment, certified by the
 Lagrangian bound) and the full pipeline with the MILP (solver="highs") print objective, bound, gap and seconds.
@@ -55,18 +57,18 @@ def simulate(n_features: int, n_classes: int, *, seed: int = 0, per_class: int =
     return np.maximum(pre - 0.4, 0.0), labels
 
 
-def instance(size: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def instance(size: str, seed: int = 0, keep_negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
     n_features, n_classes = SIZES[size]
     feats, labels = simulate(n_features, n_classes, seed=seed)
     A = correlation_A(feats, labels, n_classes)
-    return A, similarity_R(A)
+    return A, similarity_R(A, keep_negative=keep_negative)
 
 
 def run(size: str, rule: str, time_limit: float, seed: int, methods: list[str]) -> list[dict]:
     t = time.perf_counter()
-    A, R = instance(size, seed)
+    A, R = instance(size, seed, keep_negative=rule == "reference_rule")
     build = time.perf_counter() - t
-    if rule == "reference":
+    if rule in ("reference", "reference_rule"):
         tau = None
     elif rule == "dino":
         tau = 2.0 * choose_tau(R, 50).tau
@@ -75,7 +77,8 @@ def run(size: str, rule: str, time_limit: float, seed: int, methods: list[str]) 
     rows = []
     for method in methods:
         cfg = QPConfig(n_features=50, n_per_class=5, redundancy_threshold=tau, solver=method,
-                       time_limit=time_limit)
+                       time_limit=time_limit,
+                       redundancy_rule="reference" if rule == "reference_rule" else "single_scale")
         sel = solve_qp(A, R, cfg, log=lambda line: print(f"  [{time.strftime('%X')}] {line}", flush=True))
         rows.append({"size": size, "F": A.shape[0], "C": A.shape[1], "tau_rule": rule, "tau": sel.tau,
                      "pairs": sel.stats["n_pairs"], "method": method, "objective": sel.objective, "bound": sel.bound,
@@ -93,7 +96,8 @@ def run(size: str, rule: str, time_limit: float, seed: int, methods: list[str]) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", default=["cub"], choices=sorted(SIZES))
-    ap.add_argument("--tau", nargs="+", default=["reference", "dino", "q99"], choices=["reference", "dino", "q99"])
+    ap.add_argument("--tau", nargs="+", default=["reference", "dino", "q99"],
+                    choices=["reference", "dino", "q99", "reference_rule"])
     ap.add_argument("--methods", nargs="+", default=["heuristic", "highs"])
     ap.add_argument("--time-limit", type=float, default=None, help="seconds (default 60 CUB, 600 ImageNet)")
     ap.add_argument("--seed", type=int, default=0)
