@@ -21,6 +21,7 @@ from toolkit.data import (
     make_transform,
     mask_to_grid,
     preprocess_for,
+    read_cub_class_attributes,
 )
 
 
@@ -347,3 +348,20 @@ def test_mask_bilinear_reads_two_pixels_per_cell() -> None:
                                                                 [0, 0, 0, 0]]
     with pytest.raises(ValueError, match="box.*bilinear"):
         mask_to_grid(m, (2, 2), "nearest")  # type: ignore[arg-type]
+
+
+def test_cub_segmentations_beside_and_class_attributes(cub_root: Path) -> None:
+    """segmentations.tgz is a separate archive: extracted next to CUB_200_2011/ it is still found. The class
+    attributes (C, 312 in the real file) are read when present and checked against classes.txt."""
+    root = cub_root / "CUB_200_2011"
+    (root / "segmentations").rename(cub_root / "segmentations")
+    train = load_dataset(DataConfig(dataset="cub", root=str(cub_root)), "train")
+    assert train[0][2] is not None and train[0][2].any()
+    assert read_cub_class_attributes(cub_root) is None  # no attributes/ folder: Structural Grounding is skipped
+    (root / "attributes").mkdir()
+    path = root / "attributes" / "class_attribute_labels_continuous.txt"
+    path.write_text("1.5 0.0 98.25\n0.0 50.0 3.0\n")
+    np.testing.assert_array_equal(read_cub_class_attributes(cub_root), [[1.5, 0.0, 98.25], [0.0, 50.0, 3.0]])
+    path.write_text("1.5 0.0 98.25\n")
+    with pytest.raises(ValueError, match="1 rows but classes.txt lists 2"):
+        read_cub_class_attributes(cub_root)
