@@ -20,6 +20,8 @@ from toolkit.data import (
     load_dataset,
     make_transform,
     mask_to_grid,
+    preprocess_for,
+    read_cub_class_attributes,
 )
 
 
@@ -281,3 +283,85 @@ def test_describe() -> None:
     ds = load_dataset(DataConfig(dataset="synthetic", num_classes=3, synthetic_size=2), "test")
     d = describe(ds)
     assert d["n"] == 6 and d["n_classes"] == 3 and d["per_class"] == [2, 2, 2] and d["variant"].startswith("synth")
+
+
+# --------------------------------------------------------------------------------------------- reference options
+
+
+def test_reference_resize_is_bilinear_hand_computed() -> None:
+    """2 px -> 4 px, columns 0 and 255. PIL bilinear (half-pixel centres, weights renormalised at the border):
+    out1 samples at 0.75 -> 0.75 * 0 + 0.25 * 255 = 63.75 -> 64; out2 -> 191.25 -> 191. Bicubic overshoots (53, 202)."""
+    im = Image.fromarray(np.array([[0, 255], [0, 255]], dtype=np.uint8)).convert("RGB")
+    cfg = DataConfig(dataset="cub", root="unused", preprocess="reference")
+    pre = preprocess_for(cfg, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert pre.interpolation == "bilinear" and pre.minmax
+    plain = make_transform(image_size=4, mean=(0, 0, 0), std=(1, 1, 1), interpolation="bilinear")(im)
+    assert torch.allclose(plain[0, 0] * 255, torch.tensor([0.0, 64.0, 191.0, 255.0]))
+    cubic = make_transform(image_size=4, mean=(0, 0, 0), std=(1, 1, 1))(im)
+    assert torch.allclose(cubic[0, 0] * 255, torch.tensor([0.0, 53.0, 202.0, 255.0]))
+
+
+def test_reference_statistics_then_minmax_hand_computed() -> None:
+    """A black image with one white pixel, CUB statistics, then min-max over all channels jointly.
+
+    Normalised black = -mean/std = (-2.1100, -2.1984, -1.6362); white = (1-mean)/std = (2.2378, 2.2303, 2.1733).
+    min = -2.1984 (G, black), max = 2.2378 (R, white), so black R -> (-2.1100 + 2.1984) / 4.4362 = 0.019928,
+    black B -> 0.126733, white G -> 0.998302, white B -> 0.985462.
+    """
+    arr = np.zeros((28, 28, 3), dtype=np.uint8)
+    arr[0, 0] = 255
+    im = Image.fromarray(arr)
+    cub = preprocess_for(DataConfig(dataset="cub", root="unused", preprocess="reference"),
+                         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert cub.mean == (0.4853, 0.4964, 0.4295) and cub.std == (0.2300, 0.2258, 0.2625)
+    x = cub.transform(28)(im)
+    assert x[:, 5, 5].tolist() == pytest.approx([0.019928, 0.0, 0.126733], abs=1e-5)
+    assert x[:, 0, 0].tolist() == pytest.approx([1.0, 0.998302, 0.985462], abs=1e-5)
+    # The old flag normalises with the backbone's ImageNet statistics before the min-max: other numbers.
+    timm = preprocess_for(DataConfig(dataset="cub", root="unused", reference_minmax=True),
+                          (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert timm.interpolation == "bicubic" and timm.minmax
+    assert timm.transform(28)(im)[0, 5, 5] != pytest.approx(0.019928, abs=1e-3)
+    # Cars has its own statistics; datasets without any keep the backbone's.
+    cars = preprocess_for(DataConfig(dataset="cars", root="unused", preprocess="reference"), (0.1,) * 3, (0.2,) * 3)
+    assert cars.mean == (0.4593, 0.4466, 0.4453)
+    fm = preprocess_for(DataConfig(preprocess="reference"), (0.1,) * 3, (0.2,) * 3)
+    assert fm.mean == (0.1,) * 3 and fm.minmax
+
+
+def test_mask_bilinear_reads_two_pixels_per_cell() -> None:
+    """28 px -> 2 cells (scale 14): cv2 INTER_LINEAR samples cell o at 14 o + 6.5, i.e. pixels 14 o + 6 and 14 o + 7
+    (weight 1/2 each), so object pixels elsewhere in the cell are invisible to it; the box filter sees them all."""
+    m = np.zeros((28, 28), dtype=bool)
+    m[0:6, 0:6] = True  # top-left cell, away from its centre pixels
+    assert mask_to_grid(m, (2, 2), "box").tolist() == [[1, 0], [0, 0]]
+    assert mask_to_grid(m, (2, 2), "bilinear").tolist() == [[0, 0], [0, 0]]
+    m = np.zeros((28, 28), dtype=bool)
+    m[7, 21] = True  # row 7 is a centre tap of cell row 0, column 21 of cell column 1 (taps 20, 21)
+    assert mask_to_grid(m, (2, 2), "bilinear").tolist() == [[0, 1], [0, 0]]
+    m[27, 27] = True  # last pixel: not a tap of the last cell (20, 21)
+    assert mask_to_grid(m, (2, 2), "bilinear").tolist() == [[0, 1], [0, 0]]
+    assert mask_to_grid(m, (2, 2), "box").tolist() == [[0, 1], [0, 1]]
+    # Upscaling clamps at the border like cv2: a 2 x 2 mask to 4 x 4 interpolates between the two pixels.
+    small = np.array([[1, 0], [0, 0]], dtype=np.uint8)
+    assert mask_to_grid(small, (4, 4), "bilinear").tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0],
+                                                                [0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="box.*bilinear"):
+        mask_to_grid(m, (2, 2), "nearest")  # type: ignore[arg-type]
+
+
+def test_cub_segmentations_beside_and_class_attributes(cub_root: Path) -> None:
+    """segmentations.tgz is a separate archive: extracted next to CUB_200_2011/ it is still found. The class
+    attributes (C, 312 in the real file) are read when present and checked against classes.txt."""
+    root = cub_root / "CUB_200_2011"
+    (root / "segmentations").rename(cub_root / "segmentations")
+    train = load_dataset(DataConfig(dataset="cub", root=str(cub_root)), "train")
+    assert train[0][2] is not None and train[0][2].any()
+    assert read_cub_class_attributes(cub_root) is None  # no attributes/ folder: Structural Grounding is skipped
+    (root / "attributes").mkdir()
+    path = root / "attributes" / "class_attribute_labels_continuous.txt"
+    path.write_text("1.5 0.0 98.25\n0.0 50.0 3.0\n")
+    np.testing.assert_array_equal(read_cub_class_attributes(cub_root), [[1.5, 0.0, 98.25], [0.0, 50.0, 3.0]])
+    path.write_text("1.5 0.0 98.25\n")
+    with pytest.raises(ValueError, match="1 rows but classes.txt lists 2"):
+        read_cub_class_attributes(cub_root)

@@ -321,3 +321,37 @@ def test_compute_all_restricts_feature_metrics_to_used_columns_and_checks_labels
         compute_all(**{**inputs, "features": train}, k=3)
     out = compute_all(**{**inputs, "features": train}, feature_labels=np.arange(20) % 3, k=3)
     assert out["class_independence"] == pytest.approx(class_independence(train[:, :5], np.arange(20) % 3))
+
+
+def test_em_loop_is_scikit_learns() -> None:
+    """sklearn's `GaussianMixture.fit` runs E then M per iteration and stops after the iteration whose lower bound
+    moved by < tol, so its parameters are one M-step past the last likelihood check. With tol = inf it therefore
+    does exactly two M-steps (the first change, from -inf, is infinite), never one."""
+    x = np.random.default_rng(0).normal(3, 1, 500)[:, None]
+    two = fit_gmm_1d(x, max_iter=2, tol=0.0)
+    for a, b in zip(fit_gmm_1d(x, tol=np.inf), two):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(fit_gmm_1d(x, max_iter=1, tol=0.0)[1], two[1])
+    # Unimodal N(3, 1), 500 samples: scikit-learn 1.9.1 GaussianMixture(2, weights_init, means_init, precisions_init
+    # set to this module's 2-means start) gives means (2.45015688, 3.64408018), variances (0.72105602, 0.61933013)
+    # after 8 iterations, contrastiveness 0.5350460; with its default k-means start and random_state 0-4 the same.
+    _, means, variances = fit_gmm_1d(x)
+    np.testing.assert_allclose(means[0], [2.45015688, 3.64408018], atol=1e-7)
+    np.testing.assert_allclose(variances[0], [0.72105602, 0.61933013], atol=1e-7)
+    assert contrastiveness(x) == pytest.approx(0.5350460, abs=1e-7)
+
+
+def test_correlation_reads_raw_features_not_standardised() -> None:
+    """The reference scores the QPM model's raw selected features; standardising first changes the uncentred cosine:
+    x1 = (1, 2, 3), x2 = (3, 2, 1) have cosine 10/14 = 0.714, their z-scores cosine -1 (-> 0 after the diagonal)."""
+    raw = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]])
+    assert correlation(raw) == pytest.approx(10 / 14)
+    z = (raw - raw.mean(0)) / raw.std(0)
+    assert correlation(z) == pytest.approx(0.0, abs=1e-12)
+    # Class independence and contrastiveness do not change under the head's per-feature (f - mu) / sigma.
+    rng = np.random.default_rng(4)
+    f = rng.gamma(2.0, size=(120, 4))
+    y = np.repeat(np.arange(3), 40)
+    fz = (f - f.mean(0)) / f.std(0)
+    assert class_independence(fz, y, n_classes=3) == pytest.approx(class_independence(f, y, n_classes=3))
+    assert contrastiveness(fz) == pytest.approx(contrastiveness(f), abs=1e-4)

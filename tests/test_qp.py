@@ -88,7 +88,8 @@ def _brute_force(A: np.ndarray, R: np.ndarray, k: int, m: int, tau: float, w: fl
 
 
 def _cfg(**kw: object) -> QPConfig:
-    base = {"n_features": K, "n_per_class": M, "time_limit": 20.0, "mip_gap": 0.0, "solver": "highs"}
+    base = {"n_features": K, "n_per_class": M, "time_limit": 20.0, "mip_gap": 0.0, "solver": "highs",
+            "redundancy_rule": "clique"}  # the brute force below scores the clique rule
     return QPConfig(**{**base, **kw})
 
 

@@ -5,6 +5,9 @@ Layout of a store directory (an artefact of stage "tokens", see toolkit.artifact
     cls.npy    (N, D)    float16   CLS token
     labels.npy (N,)      int64
     masks.npy  (N, h, w) uint8     object masks on the patch grid (only for datasets with masks)
+    cls_blocks.npy (N, n, D) float16  CLS token of each of the last n = min(4, depth) blocks after the final norm
+                                      (oldest first; the last equals cls.npy), for the DINOv2-protocol probe
+    patch_mean.npy (N, D) float32     average patch token of the last block (the probe's "avgpool" input)
     meta.json                      grid, classes, sample ids, dataset variant, backbone identity
 
 The key hashes (backbone name, weights identity, image size, preprocessing, layer, dataset sample ids), so a
@@ -30,10 +33,11 @@ from torch.utils.data import DataLoader, Dataset
 from toolkit.artifacts import check_artifact, content_key
 from toolkit.config import BackboneConfig, DataConfig
 from toolkit.console import Console
-from toolkit.data import make_transform, mask_to_grid
+from toolkit.data import Preprocess, mask_to_grid, preprocess_for
 from toolkit.model import Backbone, weights_identity
 
 LAYER = "last-block+final-norm"  # which tokens are cached (docs/method.md#model: last block, use_norm=True)
+CLS_BLOCKS = 4  # CLS tokens of this many last blocks are cached (DINOv2's linear evaluation uses n in {1, 4})
 
 
 class DamagedStoreError(OSError):
@@ -81,6 +85,18 @@ class TokenStore:
     def masks(self) -> np.ndarray | None:
         return self._load("masks.npy", mmap=False) if (self.directory / "masks.npy").is_file() else None
 
+    @cached_property
+    def cls_blocks(self) -> np.ndarray | None:
+        """(N, n, D) CLS tokens of the last n blocks (None in stores written before they were cached)."""
+        p = self.directory / "cls_blocks.npy"
+        return np.load(p, mmap_mode="r") if p.is_file() else None
+
+    @cached_property
+    def patch_mean(self) -> np.ndarray | None:
+        """(N, D) average patch token of the last block (None in stores written before it was cached)."""
+        p = self.directory / "patch_mean.npy"
+        return np.load(p) if p.is_file() else None
+
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.meta["grid"])  # type: ignore[return-value]
@@ -105,12 +121,12 @@ class LiveSplit:
         self.classes = list(dataset.classes)
         self.labels = np.asarray(dataset.labels, dtype=np.int64)
         self.masks = None  # metrics that need masks read them from a token cache
+        pre = preprocess_for(data, backbone.mean, backbone.std)
         self.meta = {"grid": list(self.grid), "classes": self.classes, "ids": list(dataset.ids),
                      "variant": dataset.variant, "embed_dim": backbone.embed_dim, "backbone": backbone.name,
-                     "weights": backbone.weights_hash, "mean": list(backbone.mean), "std": list(backbone.std)}
-        transform = make_transform(image_size=data.image_size, mean=backbone.mean, std=backbone.std,
-                                   reference_minmax=data.reference_minmax)
-        self._images = ImageDataset(dataset, transform, self.grid)
+                     "weights": backbone.weights_hash, "mean": list(pre.mean), "std": list(pre.std),
+                     "interpolation": pre.interpolation}
+        self._images = ImageDataset(dataset, pre.transform(data.image_size), self.grid, data.mask_resize)
 
     def __len__(self) -> int:
         return len(self._images)
@@ -147,8 +163,9 @@ class TokenDataset(Dataset):
 class ImageDataset(Dataset):
     """Live mode: preprocessed images (the loop runs the backbone), with grid masks when the dataset has them."""
 
-    def __init__(self, dataset: Any, transform: Callable[[Any], torch.Tensor], grid: tuple[int, int]) -> None:
-        self.dataset, self.transform, self.grid = dataset, transform, grid
+    def __init__(self, dataset: Any, transform: Callable[[Any], torch.Tensor], grid: tuple[int, int],
+                 mask_resize: str = "box") -> None:
+        self.dataset, self.transform, self.grid, self.mask_resize = dataset, transform, grid, mask_resize
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -157,7 +174,7 @@ class ImageDataset(Dataset):
         image, label, mask = self.dataset[i]
         out = {"image": self.transform(image), "label": torch.tensor(label), "index": torch.tensor(i)}
         if mask is not None:
-            out["mask"] = torch.from_numpy(mask_to_grid(mask, self.grid))
+            out["mask"] = torch.from_numpy(mask_to_grid(mask, self.grid, self.mask_resize))  # type: ignore[arg-type]
         return out
 
 
@@ -170,15 +187,24 @@ def token_key(data: DataConfig, backbone: BackboneConfig, split: str, ids: list[
         weights += f":seed={seed}:{backbone.arch_overrides()}"
     slice_ = {"backbone": backbone.name, "weights": weights, "image_size": data.image_size,
               "reference_minmax": data.reference_minmax, "layer": LAYER, "split": split,
-              "dataset": data.dataset, "ids_sha256": ids_hash, "n": len(ids)}
+              "dataset": data.dataset, "ids_sha256": ids_hash, "n": len(ids),
+              "arrays": f"cls_blocks{CLS_BLOCKS}+patch_mean"}
+    # Only when they differ from the defaults, so the keys of default runs stay as they were.
+    if data.preprocess != "timm":
+        slice_["preprocess"] = data.preprocess
+    if data.mask_resize != "box":
+        slice_["mask_resize"] = data.mask_resize
     return content_key("tokens", slice_), slice_
 
 
-def allocate_store(out: Path, *, n: int, grid: tuple[int, int], dim: int, masks: bool) -> None:
+def allocate_store(out: Path, *, n: int, grid: tuple[int, int], dim: int, masks: bool, cls_blocks: int = 1) -> None:
     """Create the (zero-filled) memory maps of a store so that several processes can fill them."""
     p = grid[0] * grid[1]
     np.lib.format.open_memmap(out / "patch.npy", mode="w+", dtype=np.float16, shape=(n, p, dim)).flush()
     np.lib.format.open_memmap(out / "cls.npy", mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+    np.lib.format.open_memmap(out / "cls_blocks.npy", mode="w+", dtype=np.float16,
+                              shape=(n, cls_blocks, dim)).flush()
+    np.lib.format.open_memmap(out / "patch_mean.npy", mode="w+", dtype=np.float32, shape=(n, dim)).flush()
     if masks:
         np.lib.format.open_memmap(out / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, *grid)).flush()
 
@@ -203,10 +229,42 @@ def loader_options(num_workers: int | str, pin_memory: bool, device: torch.devic
     return out
 
 
+def n_cls_blocks(backbone: Backbone) -> int:
+    """How many last blocks' CLS tokens a store of this backbone holds: min(CLS_BLOCKS, depth)."""
+    return min(CLS_BLOCKS, len(backbone.model.blocks))
+
+
+def tokens_with_blocks(backbone: Backbone, images: torch.Tensor,
+                       n_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Backbone.tokens` plus the CLS token of each of the last `n_blocks` blocks, after the final norm.
+
+    As DINOv2's `get_intermediate_layers(n, norm=True)`: the output of each block is passed through the
+    backbone's final LayerNorm; the last block's is exactly the CLS that `tokens` returns.
+
+    Returns:
+        patch (B, P, D), cls (B, D), cls_blocks (B, n_blocks, D).
+    """
+    captured: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda _m, _i, out: captured.append(out[:, 0]))
+             for blk in backbone.model.blocks[-n_blocks:]]
+    try:
+        patch, cls = backbone.tokens(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        blocks = backbone.model.norm(torch.stack(captured, 1))
+    return patch, cls, blocks
+
+
 def extract_tokens(backbone: Backbone, dataset: Any, out: Path, *, image_size: int, reference_minmax: bool,
                    batch_size: int, console: Console, desc: str, shard: tuple[int, int] = (0, 1),
-                   options: dict[str, Any] | None = None) -> int:
+                   options: dict[str, Any] | None = None, preprocess: Preprocess | None = None,
+                   mask_resize: str = "box") -> int:
     """Run the frozen backbone over this process's share of `dataset` into the maps of `allocate_store`.
+
+    `preprocess` (toolkit.data.preprocess_for) replaces the default (bicubic, backbone statistics,
+    `reference_minmax`); `mask_resize` is `data.mask_resize`.
 
     With `shard=(rank, world)` only samples rank, rank + world, ... are encoded, so the ranks of a distributed
     run each do a share of one store.
@@ -215,24 +273,35 @@ def extract_tokens(backbone: Backbone, dataset: Any, out: Path, *, image_size: i
         the number of images this process encoded.
     """
     grid = backbone.grid(image_size)
-    transform = make_transform(image_size=image_size, mean=backbone.mean, std=backbone.std,
-                               reference_minmax=reference_minmax)
+    if preprocess is None:
+        preprocess = Preprocess("bicubic", tuple(backbone.mean), tuple(backbone.std), reference_minmax)
+    transform = preprocess.transform(image_size)
     patch = np.load(out / "patch.npy", mmap_mode="r+")
     cls = np.load(out / "cls.npy", mmap_mode="r+")
+    blocks = np.load(out / "cls_blocks.npy", mmap_mode="r+") if (out / "cls_blocks.npy").exists() else None
+    pmean = np.load(out / "patch_mean.npy", mmap_mode="r+") if (out / "patch_mean.npy").exists() else None
     masks = np.load(out / "masks.npy", mmap_mode="r+") if (out / "masks.npy").exists() else None
     indices = list(range(shard[0], len(dataset), shard[1]))
-    live = ImageDataset(dataset, transform, grid)
+    live = ImageDataset(dataset, transform, grid, mask_resize)
     opts = {k: v for k, v in (options or {}).items() if k != "persistent_workers"}  # one pass: nothing to keep
     loader = DataLoader(torch.utils.data.Subset(live, indices), batch_size=batch_size, shuffle=False, **opts)
     device = next(backbone.parameters()).device
     for batch in console.progress(loader, total=len(loader), desc=desc):
-        tok, c = backbone.tokens(batch["image"].to(device, non_blocking=True))
+        images = batch["image"].to(device, non_blocking=True)
+        if blocks is not None:
+            tok, c, cb = tokens_with_blocks(backbone, images, blocks.shape[1])
+        else:
+            (tok, c), cb = backbone.tokens(images), None
         idx = batch["index"].numpy()
         patch[idx] = tok.float().cpu().numpy().astype(np.float16)
         cls[idx] = c.float().cpu().numpy().astype(np.float16)
+        if blocks is not None and cb is not None:
+            blocks[idx] = cb.float().cpu().numpy().astype(np.float16)
+        if pmean is not None:
+            pmean[idx] = tok.float().mean(1).cpu().numpy()
         if masks is not None:
             masks[idx] = batch["mask"].numpy().astype(np.uint8)
-    for arr in (patch, cls, masks):
+    for arr in (patch, cls, masks, blocks, pmean):
         if arr is not None:
             arr.flush()
     return len(indices)

@@ -30,8 +30,10 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
@@ -43,9 +45,9 @@ from pydantic_core import ErrorDetails
 
 __all__ = [
     "AdapterConfig", "BackboneConfig", "CacheConfig", "ConfigError", "DataConfig", "DenseConfig", "ExportConfig",
-    "FinetuneConfig", "ProbeConfig", "QPConfig", "RunConfig", "RuntimeConfig", "TrainConfig", "check_key",
-    "check_value", "dump_config", "load_config", "load_yaml", "parse_value", "replace", "resolved_yaml",
-    "save_config", "to_dict", "validate_overrides",
+    "EvaluateConfig", "FinetuneConfig", "ProbeConfig", "ProbeDinov2Config", "QPConfig", "RunConfig", "RuntimeConfig",
+    "TrainConfig", "check_key", "check_value", "dump_config", "load_config", "load_yaml", "parse_value", "replace",
+    "resolved_yaml", "save_config", "to_dict", "validate_overrides",
 ]
 
 
@@ -95,6 +97,13 @@ def _zero_stage(v: int) -> int:
         raise ValueError(f"must be one of 0, 1, 2 (ZeRO-3 is not supported), got {v}")
     return v
 
+
+def _as_tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+# A YAML list held as a tuple (frozen configs must be hashable), written back as a list.
+ListOf = lambda tp: Annotated[tuple[tp, ...], BeforeValidator(_as_tuple), PlainSerializer(list)]  # noqa: E731
 
 # Checks of one value on its own live in the type (not in model validators), so `check_value` applies them too.
 ImageSize = Annotated[int, Field(gt=0), AfterValidator(_patch_multiple)]
@@ -153,6 +162,12 @@ class DataConfig(_Section):
     seed: NonNegInt = 0  # seed of the subset draw (independent of the training seed)
     # Reference quirk of RobertZimm/DINO-QPM: per-image min-max rescale to [0, 1] after Normalize.
     reference_minmax: bool = False
+    # timm: bicubic antialiased resize, the backbone's (ImageNet) mean/std; reference: the reference code's bilinear
+    # resize, dataset mean/std (CUB, Cars; others keep the backbone's) and per-image min-max (docs/method.md#data).
+    preprocess: Literal["timm", "reference"] = "timm"
+    # Object mask -> patch grid: box = area average, any object (> 0); bilinear = the reference's cv2 bilinear
+    # resize then > 0, which marks fewer border cells (docs/method.md#metrics).
+    mask_resize: Literal["box", "bilinear"] = "box"
     num_classes: Annotated[int, Field(ge=2)] | None = None  # synthetic only (default 3): number of classes
     synthetic_size: PosInt | None = None  # synthetic only (default 12): images per class and split
 
@@ -244,9 +259,19 @@ class TrainConfig(_Section):
     lr: PosFloat = 1e-3  # peak learning rate (AdamW)
     weight_decay: NonNegFloat = 7e-4  # AdamW decoupled weight decay
     schedule: Literal["constant", "cosine"] = "cosine"  # learning-rate schedule over all steps
+    # adamw: torch AdamW with `schedule`; schedulefree_adamw: the reference's schedule-free AdamW (package
+    # schedulefree; needs schedule=constant; the trained weights are its averaged evaluation weights).
+    optimizer: Literal["adamw", "schedulefree_adamw"] = "adamw"
     diversity_weight: NonNegFloat = 0.5  # beta of the feature-diversity loss (arXiv 2604.07166)
     l1_maps: NonNegFloat = 0.0  # weight of mean |M| over the (selected) feature maps
     l1_vector: NonNegFloat = 0.0  # weight of mean |f| over the (selected) pooled features
+
+    @model_validator(mode="after")
+    def _schedule_free_is_constant(self) -> TrainConfig:
+        if self.optimizer == "schedulefree_adamw" and self.schedule != "constant":
+            raise _Invalid("schedule", "schedule-free AdamW replaces the learning-rate schedule; set schedule: "
+                                       f"constant with optimizer: schedulefree_adamw (got {self.schedule!r})")
+        return self
 
 
 class DenseConfig(TrainConfig):
@@ -280,6 +305,36 @@ class ProbeConfig(TrainConfig):
     dropout: Fraction = 0.2  # drop probability on the CLS vector before the linear head
 
 
+class ProbeDinov2Config(_Section):
+    """DINOv2's linear-evaluation protocol as a second baseline (Oquab et al., arXiv 2304.07193, linear.py).
+
+    Linear heads on the CLS tokens of the last n blocks, optionally concatenated with the average patch token, are
+    trained side by side for every (n, pooling, learning rate); the best on a held-out share of the train split is
+    retrained on the whole train split and scored on the test split (docs/method.md#baselines).
+    """
+
+    section: ClassVar[str] = "probe_dinov2"
+
+    enabled: bool = True  # train this baseline (it reads the token cache; off in live mode)
+    epochs: PosInt = 100  # passes over the train split (DINOv2: 12,500 iterations; small sets need many epochs)
+    batch_size: PosInt = 256  # DINOv2's learning rates are scaled by batch_size / 256
+    n_blocks: ListOf(Annotated[int, Field(ge=1, le=4)]) = (1, 4)  # CLS tokens of the last n blocks
+    avgpool: ListOf(bool) = (False, True)  # also concatenate the average patch token
+    lrs: ListOf(PosFloat) = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
+                             0.1)  # DINOv2's learning-rate grid, before scaling by batch_size / 256
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # held-out share of the train split for the choice
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> ProbeDinov2Config:
+        for name in ("n_blocks", "avgpool", "lrs"):
+            if not getattr(self, name):
+                raise _Invalid(name, "must list at least one value")
+        return self
+
+
+QPRule = Literal["reference", "clique"]
+
+
 class QPConfig(_Section):
     """QPM feature selection: k features globally, m per class, as a quadratic (MILP) problem."""
 
@@ -289,9 +344,10 @@ class QPConfig(_Section):
     n_per_class: Annotated[int, Field(ge=1)] = 5  # m: features per class, <= k
     redundancy_threshold: float | None = None  # tau on the scale of R; None = lowest tau with k compatible features
     redundancy_weight: NonNegFloat = 1.0  # w: weight of the R penalty on selected pairs above tau
-    # clique: tau found and applied on R, penalty w R; reference: as the DINO-QPM code (tau found on R + R^T, compared
-    # with R, penalty min-max rescaled over R's nonzeros). Only used when redundancy_threshold is None.
-    redundancy_rule: Literal["clique", "reference"] = "clique"
+    # reference: RobertZimm/DINO-QPM's rule (tau searched on R + R^T, pairs R >= tau, penalty R min-max rescaled
+    # over its nonzeros, negative cosines kept); clique: tau found and applied on R (the lowest threshold with k
+    # pairwise-compatible features), penalty w * R, negatives clipped (docs/method.md#qp).
+    redundancy_rule: QPRule = "reference"
     solver: Literal["auto", "highs", "scip", "gurobi", "heuristic"] = "auto"  # MILP backend (auto: best installed)
     time_limit: PosFloat = 60.0  # seconds for the whole solve: heuristic search, bound and MILP
     mip_gap: Fraction = 0.005  # relative gap at which the MILP stops (the reference's MIPGap)
@@ -301,6 +357,18 @@ class QPConfig(_Section):
         if self.n_per_class > self.n_features:
             raise _Invalid("n_per_class", f"must be in [1, qp.n_features={self.n_features}], got {self.n_per_class}")
         return self
+
+
+class EvaluateConfig(_Section):
+    """What the interpretability metrics are computed on (docs/method.md#metrics)."""
+
+    section: ClassVar[str] = "evaluate"
+
+    # Test images for the map metrics (SID@5, plausibility): a seeded draw of this many; None = the whole test set
+    # (the paper's setting).
+    map_images: PosInt | None = 1000
+    # CUB only: compute Structural Grounding from CUB's attribute annotations when they are present.
+    structural_grounding: bool = True
 
 
 class ExportConfig(_Section):
@@ -374,8 +442,10 @@ class RunConfig(_Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     dense: DenseConfig = Field(default_factory=DenseConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    probe_dinov2: ProbeDinov2Config = Field(default_factory=ProbeDinov2Config)
     qp: QPConfig = Field(default_factory=QPConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 

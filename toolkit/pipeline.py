@@ -4,7 +4,8 @@
 not recomputed) and writes a run directory that explains itself:
     config.yaml     the fully resolved configuration
     manifest.json   per stage: artefact key and directory, whether it was cached, seconds, metrics
-    metrics.json    linear_probe / dense / qpm accuracies (+ interpretability metrics) and the QP certificate
+    metrics.json    linear_probe / linear_probe_dinov2 / dense / qpm accuracies (+ interpretability metrics) and the
+                    QP certificate
     checkpoint/     the self-contained DINO-QPM model (safetensors + JSON)
     log.txt         what the console printed
     tensorboard/    per-stage training curves as TensorBoard event files (rank 0, when tensorboardX is installed)
@@ -44,6 +45,7 @@ from toolkit.stages.dense import DenseResult, run_dense
 from toolkit.stages.evaluate import evaluate_run
 from toolkit.stages.finetune import run_finetune
 from toolkit.stages.probe import run_probe
+from toolkit.stages.probe_dinov2 import run_probe_dinov2
 from toolkit.stages.select import SelectionResult, run_selection
 from toolkit.stages.tokens import build_tokens, live_split
 from toolkit.train import Split, TrainContext, make_engine_factory
@@ -192,7 +194,11 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
     meta = {"classes": stores["train"].classes, "backbone": cfg.backbone.name,
             "weights_hash": stores["train"].meta["weights"], "image_size": cfg.data.image_size,
             "mean": stores["train"].meta["mean"], "std": stores["train"].meta["std"],
-            "reference_minmax": cfg.data.reference_minmax, "dataset_variant": stores["train"].meta["variant"],
+            # min-max is part of the reference preprocessing too; exporters and `explain` read this flag
+            "reference_minmax": cfg.data.reference_minmax or cfg.data.preprocess == "reference",
+            "preprocess": cfg.data.preprocess,
+            "interpolation": stores["train"].meta.get("interpolation", "bicubic"),
+            "dataset_variant": stores["train"].meta["variant"],
             "config_hash": config_hash(cfg), "toolkit_version": __version__}
     metrics: dict[str, Any] = {}
     if until != "tokens":
@@ -201,6 +207,12 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
                                              root=root, meta=meta)
         record("probe", probe_dir, probe_dir.name, probe_metrics, t0)
         metrics["linear_probe"] = {"accuracy": probe_metrics["accuracy"]}
+        if cfg.probe_dinov2.enabled and cfg.cache.mode == "cached":  # it reads the cached block tokens
+            t0 = time.perf_counter()
+            p2_dir, p2 = run_probe_dinov2(train=stores["train"], test=stores["test"], cfg=cfg.probe_dinov2,
+                                          ctx=ctx, root=root)
+            record("probe_dinov2", p2_dir, p2_dir.name, p2, t0)
+            metrics["linear_probe_dinov2"] = {k: p2[k] for k in ("accuracy", "n_blocks", "avgpool", "lr")}
         t0 = time.perf_counter()
         dense: DenseResult = run_dense(train=stores["train"], test=stores["test"], adapter=cfg.adapter,
                                        cfg=cfg.dense, ctx=ctx, root=root, meta=meta)
@@ -229,7 +241,7 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
         write_json(run_dir / "metrics.json", metrics)
         if until == "evaluate" and cfg.cache.mode == "cached":  # interpretability metrics read the token cache
             with local_evaluation():  # rank 0 alone evaluates: every image once, no collective to wait for
-                metrics = evaluate_run(run_dir, console=console)
+                metrics = evaluate_run(run_dir, console=console, max_map_images=cfg.evaluate.map_images)
         console.log("metrics: " + json.dumps({k: v.get("accuracy") for k, v in metrics.items()
                                               if isinstance(v, dict) and "accuracy" in v}))
     barrier()

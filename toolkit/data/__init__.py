@@ -12,6 +12,7 @@ Stanford Cars (no masks), ImageFolder (optional mask tree) and a synthetic set o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -26,6 +27,7 @@ from toolkit.data.readers import (
     SyntheticDataset,
     read_cars,
     read_cub,
+    read_cub_class_attributes,
     read_fashion_mnist,
     read_imagefolder,
 )
@@ -33,8 +35,16 @@ from toolkit.data.readers import (
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 SYNTHETIC_SIZE = 56  # px; a multiple of 14 so a DINOv2 ViT sees it at native resolution
 
-__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "ImageDataset", "balanced_subset", "describe",
-           "load_dataset", "make_transform", "mask_to_grid"]
+# Per-channel statistics the reference code normalises with (RobertZimm/DINO-QPM, dataset parameters), before its
+# per-image min-max; datasets it has none for keep the backbone's (ImageNet) statistics.
+REFERENCE_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "cub": ((0.4853, 0.4964, 0.4295), (0.2300, 0.2258, 0.2625)),
+    "cars": ((0.4593, 0.4466, 0.4453), (0.2920, 0.2910, 0.2988)),
+}
+
+__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "REFERENCE_STATS", "ImageDataset", "Preprocess",
+           "balanced_subset", "describe", "load_dataset", "make_transform", "mask_to_grid", "preprocess_for",
+           "read_cub_class_attributes"]
 
 
 class ImageDataset(Protocol):
@@ -129,19 +139,23 @@ class _MinMax:
 
 
 def make_transform(*, image_size: int, mean: Sequence[float], std: Sequence[float],
-                   reference_minmax: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> backbone input: square bicubic resize (no crop), ToTensor, Normalize [, min-max].
+                   reference_minmax: bool = False,
+                   interpolation: Literal["bicubic", "bilinear"] = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> backbone input: square resize (no crop), ToTensor, Normalize [, min-max].
 
     Args:
         image_size: side S of the square output.
         mean, std: per-channel statistics, normally `Backbone.mean` / `Backbone.std` (timm data config).
         reference_minmax: apply the reference's per-image min-max rescale after Normalize (off by default).
+        interpolation: bicubic (timm's DINOv2 data config) or bilinear (torchvision's default, the reference's);
+            PIL images are resized by PIL, which filters over the whole source footprint when shrinking.
 
     Returns:
         A picklable callable giving a float32 tensor (3, S, S).
     """
+    mode = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
     steps: list[Callable] = [
-        T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.Resize((image_size, image_size), interpolation=mode, antialias=True),
         T.ToTensor(),
         T.Normalize(mean=list(mean), std=list(std)),
     ]
@@ -150,16 +164,71 @@ def make_transform(*, image_size: int, mean: Sequence[float], std: Sequence[floa
     return T.Compose(steps)
 
 
-def mask_to_grid(mask: np.ndarray | None, grid: tuple[int, int]) -> np.ndarray:
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become backbone input: resize filter, normalisation statistics, per-image min-max."""
+
+    interpolation: Literal["bicubic", "bilinear"]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    minmax: bool
+
+    def transform(self, image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+        return make_transform(image_size=image_size, mean=self.mean, std=self.std, reference_minmax=self.minmax,
+                              interpolation=self.interpolation)
+
+
+def preprocess_for(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> Preprocess:
+    """The preprocessing `cfg.preprocess` asks for, given the backbone's own statistics.
+
+    timm: bicubic resize, the backbone's mean/std, min-max only with `data.reference_minmax`. reference: what
+    RobertZimm/DINO-QPM does: bilinear `Resize((S, S))`, ToTensor, Normalize with the dataset's statistics
+    (`REFERENCE_STATS`; the backbone's for datasets it has none for), then per-image min-max to [0, 1] and clip.
+    """
+    if cfg.preprocess == "reference":
+        m, s = REFERENCE_STATS.get(cfg.dataset, (tuple(mean), tuple(std)))
+        return Preprocess("bilinear", tuple(float(v) for v in m), tuple(float(v) for v in s), True)
+    return Preprocess("bicubic", tuple(float(v) for v in mean), tuple(float(v) for v in std), cfg.reference_minmax)
+
+
+def _cv2_linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weight of i1 for OpenCV's INTER_LINEAR resize along one axis (no antialias).
+
+    Output pixel o samples the source at (o + 0.5) * n_in / n_out - 0.5 (half-pixel centres), clamped to the
+    first and last source pixel, as `cv2.resize` does.
+    """
+    pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.floor(pos).astype(np.int64)
+    frac = pos - i0
+    low = i0 < 0
+    i0[low], frac[low] = 0, 0.0
+    high = i0 >= n_in - 1
+    i0[high], frac[high] = n_in - 1, 0.0
+    return i0, np.minimum(i0 + 1, n_in - 1), frac
+
+
+def _bilinear_resize(m: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H, W) float -> (h, w) with OpenCV INTER_LINEAR semantics (each output reads at most 2 x 2 inputs)."""
+    r0, r1, fr = _cv2_linear_taps(m.shape[0], h)
+    c0, c1, fc = _cv2_linear_taps(m.shape[1], w)
+    rows = m[r0] * (1 - fr)[:, None] + m[r1] * fr[:, None]
+    return rows[:, c0] * (1 - fc)[None, :] + rows[:, c1] * fc[None, :]
+
+
+def mask_to_grid(mask: np.ndarray | None, grid: tuple[int, int],
+                 mode: Literal["box", "bilinear"] = "box") -> np.ndarray:
     """Object mask at image resolution -> binary mask on the patch grid.
 
-    Area-averages the mask onto the grid and keeps every cell with any object in it (> 0), mirroring the
-    reference's cv2 INTER_AREA resize of the CUB segmentation followed by `> 0` (docs/method.md#metrics).
+    box: area-averages the mask onto the grid and keeps every cell with any object in it (> 0).
+    bilinear: the reference's `cv2.resize(mask, (w, h))` (INTER_LINEAR, which samples 2 x 2 source pixels
+    around each cell centre instead of the whole cell) followed by `> 0`; it marks fewer cells at the object's
+    border (docs/method.md#metrics).
 
     Args:
         mask: bool or numeric (H, W); values > 0 are object. None means "no mask": an all-zero grid is returned
             (the reference's convention for Cars), so Plausibility must skip images whose grid is all zero.
         grid: (h, w) patch grid, e.g. `Backbone.grid(image_size)`.
+        mode: "box" or "bilinear".
 
     Returns:
         float32 (h, w) of 0.0 / 1.0.
@@ -170,6 +239,10 @@ def mask_to_grid(mask: np.ndarray | None, grid: tuple[int, int]) -> np.ndarray:
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {m.shape}")
+    if mode == "bilinear":
+        return (_bilinear_resize((m > 0).astype(np.float64), h, w) > 0).astype(np.float32)
+    if mode != "box":
+        raise ValueError(f"mask resize mode must be 'box' or 'bilinear', got {mode!r}")
     area = Image.fromarray((m > 0).astype(np.float32)).resize((w, h), Image.BOX)
     return (np.asarray(area) > 0).astype(np.float32)
 

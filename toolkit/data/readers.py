@@ -110,22 +110,56 @@ def _read_table(path: Path) -> list[list[str]]:
     return [ln.split(maxsplit=1) for ln in _require(path).read_text().splitlines() if ln.strip()]
 
 
-def read_cub(root: Path, split: str) -> FileDataset:
-    """CUB-200-2011 official layout; full images (no bbox crop), masks from `segmentations/` when present."""
+def _cub_dir(root: Path) -> Path:
+    """The folder holding images.txt: `root` itself or `root/CUB_200_2011` (where the images archive extracts)."""
     if not (root / "images.txt").is_file() and (root / "CUB_200_2011" / "images.txt").is_file():
-        root = root / "CUB_200_2011"
+        return root / "CUB_200_2011"
+    return root
+
+
+def read_cub(root: Path, split: str) -> FileDataset:
+    """CUB-200-2011 official layout; full images (no bbox crop), masks from `segmentations/` when present.
+
+    The segmentations are a separate archive that extracts to `segmentations/` wherever it is unpacked: inside
+    CUB_200_2011/ or beside it (the images archive's parent folder) are both found.
+    """
+    outer = root
+    root = _cub_dir(root)
     rel = dict(_read_table(root / "images.txt"))
     cls_of = {k: int(v) for k, v in _read_table(root / "image_class_labels.txt")}
     is_train = {k: v.strip() == "1" for k, v in _read_table(root / "train_test_split.txt")}
     # "001.Black_footed_Albatross" -> "Black footed Albatross"
     classes = [re.sub(r"^\d+\.", "", name.strip()).replace("_", " ") for _, name in _read_table(root / "classes.txt")]
     keep = [k for k in sorted(rel, key=int) if is_train[k] == (split == "train")]
-    seg = root / "segmentations"
+    seg = next((d for d in (root / "segmentations", outer / "segmentations", root.parent / "segmentations")
+                if d.is_dir()), root / "segmentations")
     ids = [rel[k].strip() for k in keep]
     return FileDataset(
         variant="cub-full-images", root=root, classes=classes, ids=ids,
         paths=[root / "images" / r for r in ids], labels=np.array([cls_of[k] - 1 for k in keep]),
         mask_paths=[seg / Path(r).with_suffix(".png") for r in ids] if seg.is_dir() else None)
+
+
+def read_cub_class_attributes(root: Path) -> np.ndarray | None:
+    """CUB's per-class attribute vectors, (C, 312) float64 from `attributes/class_attribute_labels_continuous.txt`
+    (percentages of images showing each attribute); None when the file is absent (Structural Grounding is then
+    skipped).
+
+    Raises:
+        ValueError: the file's rows disagree with classes.txt or are not all the same length.
+    """
+    d = _cub_dir(root)
+    path = d / "attributes" / "class_attribute_labels_continuous.txt"
+    if not path.is_file():
+        return None
+    rows = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"{path}: rows have different lengths; expected one row of attribute values per class")
+    attrs = np.asarray(rows, dtype=np.float64)
+    n_classes = len(_read_table(d / "classes.txt"))
+    if attrs.shape[0] != n_classes:
+        raise ValueError(f"{path}: {attrs.shape[0]} rows but classes.txt lists {n_classes} classes")
+    return attrs
 
 
 # --------------------------------------------------------------------------------------------- Stanford Cars

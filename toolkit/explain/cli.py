@@ -114,7 +114,8 @@ def explain_images(run_dir: Path, images: Sequence[str | Path], out: Path, *, fo
     dev = torch.device(device)
     backbone, model = backbone.to(dev), model.to(dev)
     transform = make_transform(image_size=int(info["image_size"]), mean=info["mean"], std=info["std"],
-                               reference_minmax=bool(info.get("reference_minmax", False)))
+                               reference_minmax=bool(info.get("reference_minmax", False)),
+                               interpolation=info.get("interpolation", "bicubic"))
     classes = list(info["classes"])
     out.mkdir(parents=True, exist_ok=True)
     predictions = []

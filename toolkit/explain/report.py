@@ -242,6 +242,13 @@ def write_report(run_dir: Path, metrics: dict[str, Any], views: dict[str, Any]) 
         sec = metrics.get(name, {})
         cells = " | ".join(format_metric(sec.get(k), pct=True) for k, _ in REPORTED)
         lines.append(f"| {name.replace('_', ' ')} | {cells} |")
+    p2 = metrics.get("linear_probe_dinov2")
+    if p2:  # accuracy only: a probe on concatenated tokens has no feature maps of its own
+        cells = " | ".join(format_metric(p2.get(k) if k == "accuracy" else None, pct=True) for k, _ in REPORTED)
+        lines += [f"| linear probe (DINOv2 protocol) | {cells} |", "",
+                  f"DINOv2-protocol probe: CLS of the last {p2.get('n_blocks')} block(s)"
+                  + (" + average patch token" if p2.get("avgpool") else "") + f", lr {p2.get('lr')}, chosen on a "
+                  "held-out share of the train split (docs/method.md#baselines)."]
     qp = metrics.get("qp", {})
     formats = {"objective": "{:.6g}", "bound": "{:.6g}", "gap": "{:.3%}", "seconds": "{:.2f}"}
     cert = ", ".join(f"{k} " + (formats[k].format(qp[k]) if k in formats and isinstance(qp[k], (int, float))

@@ -9,9 +9,10 @@ Here the EM is a small numpy implementation, vectorised over features, whose fir
 deterministic: the exact (globally optimal) 1-D 2-means split of the sorted column. Further starts (`n_init > 1`)
 use responsibilities drawn from `np.random.default_rng(seed)`; the start with the highest log-likelihood wins per
 feature. Reruns with the same inputs and seed therefore agree bit for bit, and each column is fitted as if alone
-(converged columns are frozen while the rest of their block iterates). The stopping rule and the variance
-floor copy sklearn's defaults (tol 1e-3 on the mean log-likelihood, max_iter 100, reg_covar 1e-6 added to every
-variance), so the fits are comparable to the reference's.
+(converged columns are frozen while the rest of their block iterates). The loop, the stopping rule and the
+variance floor copy sklearn's `GaussianMixture.fit` (E-step then M-step per iteration, stop after the iteration
+whose mean log-likelihood moved by less than tol 1e-3, max_iter 100, reg_covar 1e-6 added to every variance): from
+the same start, the fitted parameters are sklearn's to float rounding (tests/test_metrics.py).
 """
 
 from __future__ import annotations
@@ -75,19 +76,25 @@ def _e_step(x: np.ndarray, weights: np.ndarray, means: np.ndarray, var: np.ndarr
 
 def _run_em(x: np.ndarray, params: tuple[np.ndarray, np.ndarray, np.ndarray], *, max_iter: int, tol: float,
             reg_covar: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """EM from `params`; each column stops once its mean log-likelihood changes by less than `tol` (or max_iter).
+    """EM from `params` with scikit-learn's loop: each iteration is an E-step (its mean log-likelihood is the
+    "lower bound") followed by an M-step, and a column stops after the iteration whose lower bound changed by less
+    than `tol` from the previous one (or after max_iter M-steps). So the parameters returned are one M-step past the
+    last likelihood evaluation, exactly as `GaussianMixture.fit`; the returned log-likelihood is that last lower
+    bound, which sklearn also uses to pick the best of several starts.
 
     Converged columns are frozen, so a column's fit does not depend on which other columns share its block.
     """
     weights, means, var = params
-    resp, ll = _e_step(x, weights, means, var)
+    ll = np.full(x.shape[1], -np.inf)
     active = np.ones(x.shape[1], dtype=bool)
     for _ in range(max_iter):
+        resp, new_ll = _e_step(x, weights, means, var)
         new = _m_step(x, resp, reg_covar)
         weights, means, var = (np.where(active[:, None], n, o) for n, o in zip(new, (weights, means, var)))
-        resp, new_ll = _e_step(x, weights, means, var)
-        active &= np.abs(new_ll - ll) >= tol
-        ll = new_ll
+        with np.errstate(invalid="ignore"):  # -inf - -inf never happens: the first bound is finite
+            done = np.abs(new_ll - ll) < tol
+        ll = np.where(active, new_ll, ll)
+        active &= ~done
         if not active.any():
             break
     return weights, means, var, ll

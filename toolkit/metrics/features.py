@@ -75,8 +75,9 @@ def correlation(features: Any) -> float:
     C_ij = Σ_n f_ni f_nj / (max(‖f_i‖, eps) · max(‖f_j‖, eps)),  C_jj := 0,  Corr = mean_j max_i C_ij
 
     The cosine is uncentred and signed, and the zeroed diagonal takes part in the max, exactly as in the reference code
-    (docs/method.md#metrics), so a feature anti-correlated with all others scores 0, not a negative value. For the QPM
-    head's standardised features this is close to the max Pearson correlation (docs/method.md#metrics).
+    (docs/method.md#metrics), so a feature anti-correlated with all others scores 0, not a negative value. The QPM model
+    is scored on its raw pooled features, as the reference does; on the head's (f − μ)/σ the same formula would be
+    close to the max Pearson correlation instead (x1 = (1, 2, 3), x2 = (3, 2, 1): 0.714 raw, 0 standardised).
     Orthogonal columns give 0, duplicated columns give 1.
 
     Args:

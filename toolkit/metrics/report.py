@@ -21,7 +21,7 @@ MODELS = ("linear_probe", "dense", "qpm")
 SID_K = 5
 REPORTED = (("accuracy", "accuracy"), (f"sid_at_{SID_K}", f"SID@{SID_K}"), ("class_independence", "class indep."),
             ("contrastiveness", "contrastiveness"), ("correlation", "correlation (lower = better)"),
-            ("plausibility", "plausibility"))
+            ("plausibility", "plausibility"), ("structural_grounding", "struct. grounding"))
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -44,8 +44,9 @@ def compute_all(*, logits: Any, labels: Any, maps: Any, features: Any, head_weig
 
     * linear probe: maps = raw patch tokens (N, D, h, w), features = CLS tokens (N', D), head_weight (C, D);
     * dense model: maps (N, F, h, w), pooled features (N', F), dense head weight (C, F);
-    * QPM model: maps of the n_f selected features (N, n_f, h, w), features = the head's standardised inputs
-      (N', n_f), binary weight (C, n_f). The reference's GradCAM uses W itself; pass W / σ instead for a GradCAM that
+    * QPM model: maps of the n_f selected features (N, n_f, h, w), features = their raw pooled values (N', n_f), as
+      the reference feeds them (not the head's (f − μ)/σ, which changes the uncentred correlation), binary weight
+      (C, n_f). The reference's GradCAM uses W itself; pass W / σ instead for a GradCAM that
       decomposes the logit exactly (SID@k is unaffected for rows with exactly k positive weights).
 
     Args:

@@ -43,9 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--redundancy-threshold", type=float, default=None, metavar="T",
                     help="tau; default: lowest threshold with K pairwise-compatible features")
     ap.add_argument("--redundancy-rule", choices=("clique", "reference"), default=defaults.redundancy_rule,
-                    help="how tau is found when --redundancy-threshold is absent: clique (lowest threshold with K "
-                         "pairwise-compatible features, penalty w R) or reference (as the DINO-QPM code: 2 x that "
-                         f"threshold, penalty min-max rescaled); default {defaults.redundancy_rule}")
+                    help="reference (default): as RobertZimm/DINO-QPM, tau searched on R + R^T but compared with R, "
+                         "penalty min-max rescaled, negative cosines kept; clique: the lowest threshold with K "
+                         f"pairwise-compatible features of R itself, penalty w R (default {defaults.redundancy_rule})")
     ap.add_argument("--redundancy-weight", type=float, default=defaults.redundancy_weight, metavar="W",
                     help=f"w, weight of the R penalty (default {defaults.redundancy_weight})")
     ap.add_argument("--time-limit", type=float, default=defaults.time_limit, metavar="S",

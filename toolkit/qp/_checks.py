@@ -75,9 +75,10 @@ def check_inputs(A: object, R: object | None, cfg: QPConfig) -> tuple[np.ndarray
             raise QPInputError(f"R must be (F, F) = ({n_feat}, {n_feat}) to match A's {n_feat} feature rows, got "
                                f"shape {r.shape}; compute it with toolkit.qp.inputs.similarity_R(A) or omit it")
         off = r[~np.eye(n_feat, dtype=bool)]
-        if off.size and off.min() < 0:
-            raise QPInputError(f"R has negative similarities (min {off.min():.4g}); QPM's R has negatives set to 0 "
-                               f"(toolkit.qp.inputs.similarity_R does this)")
+        if off.size and off.min() < 0 and cfg.redundancy_rule != "reference":  # the reference rule keeps them
+            raise QPInputError(f"R has negative similarities (min {off.min():.4g}); the clique rule needs "
+                               f"negatives set to 0 (toolkit.qp.inputs.similarity_R does this) or use "
+                               f"redundancy_rule=reference")
     k, m = cfg.n_features, cfg.n_per_class
     if k > n_feat:
         raise QPInfeasibleError(f"n_features k={k} exceeds the F={n_feat} features (rows of A); choose "

@@ -77,11 +77,12 @@ def correlation_A(features: np.ndarray, labels: np.ndarray, n_classes: int) -> n
     return A / peak if peak > 0 else A
 
 
-def similarity_R(A: np.ndarray) -> np.ndarray:
+def similarity_R(A: np.ndarray, *, keep_negative: bool = False) -> np.ndarray:
     """Cosine similarity between the rows of A, with the diagonal and the negatives set to 0.
 
     Args:
         A: (F, C) feature-class correlation.
+        keep_negative: keep negative cosines (DINO-QPM's R for the reference redundancy rule).
 
     Returns:
         (F, F) symmetric float64 R with entries in [0, 1] and a zero diagonal.
@@ -92,6 +93,8 @@ def similarity_R(A: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(a, axis=1)
     R = (a @ a.T) / np.maximum(np.outer(norms, norms), _EPS_COS)
     np.fill_diagonal(R, 0.0)
+    if keep_negative:
+        return np.clip(R, -1.0, 1.0)
     np.maximum(R, 0.0, out=R)
     # The reference also divides by max|R|; with cosines that is 1 (or 0 rows), so R is used as is.
     return np.minimum(R, 1.0)

@@ -29,7 +29,7 @@ from toolkit.qp.inputs import similarity_R
 from toolkit.qp.milp import _FULL_ENTRIES, candidate_lists, solve_milp
 from toolkit.qp.problem import Problem, build_problem, input_sha256
 from toolkit.qp.subset_bound import subset_bound
-from toolkit.qp.threshold import choose_tau, reference_tau
+from toolkit.qp.threshold import choose_tau, reference_pairs
 
 _ILS_SHARE = 0.05  # of the time budget: iterated local search (rarely gains on these instances, see the results)
 _BOUND_SHARE = 0.15  # the LP-Lagrangian bound before the subset bound (its prices start it and prune the MILP)
@@ -101,20 +101,30 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     solver = check_solver_name(cfg.solver)
     a, r = check_inputs(A, R, cfg)
     backend: Backend | None = None if solver == "heuristic" else resolve_backend(solver)
-    r = similarity_R(a) if r is None else r
+    reference = cfg.redundancy_rule == "reference"
+    r = similarity_R(a, keep_negative=reference) if r is None else r
     k, m = cfg.n_features, cfg.n_per_class
     starts: list[np.ndarray] = []
-    rule = getattr(cfg, "redundancy_rule", "clique")
+    rule = cfg.redundancy_rule
     if rule not in ("clique", "reference"):
         raise QPInputError(f"qp.redundancy_rule must be 'clique' or 'reference', got {rule!r}")
-    if cfg.redundancy_threshold is None:
-        th = choose_tau(r, k) if rule == "clique" else reference_tau(r, k)
+    if reference:  # RobertZimm/DINO-QPM's rule, reproduced on purpose (threshold.reference_pairs)
+        rp = reference_pairs(r, k, cfg.redundancy_threshold)
+        tau, starts = rp.tau, [rp.compatible]
+        say(f"qp: reference rule, tau = {tau:.6g} (searched on R + R^T, {rp.probes} probes, applied to R)")
+    elif cfg.redundancy_threshold is None:
+        th = choose_tau(r, k)
         tau, starts = th.tau, [th.compatible]
-        say(f"qp: tau = {tau:.6g} ({rule} rule: {'2 x ' if rule == 'reference' else ''}lowest threshold with {k} "
-            f"pairwise-compatible features, {th.probes} probes)")
+        say(f"qp: tau = {tau:.6g} (clique rule: lowest threshold with {k} pairwise-compatible features, "
+            f"{th.probes} probes)")
     else:
         tau = float(cfg.redundancy_threshold)
-    problem = build_problem(a, r, k=k, m=m, tau=tau, w=cfg.redundancy_weight, rescale=rule == "reference")
+    if reference:
+        w = cfg.redundancy_weight
+        keep = np.ones(len(rp.pi), dtype=bool) if w > 0 else np.zeros(len(rp.pi), dtype=bool)
+        problem = Problem(A=a, pi=rp.pi[keep], pj=rp.pj[keep], pw=w * rp.penalty[keep], k=k, m=m, tau=tau, w=w)
+    else:
+        problem = build_problem(a, r, k=k, m=m, tau=tau, w=cfg.redundancy_weight)
     budget = cfg.time_limit
     say(f"qp: F={problem.n_features} C={problem.n_classes} k={k} m={m}, {len(problem.pw)} penalised pairs")
 
@@ -223,7 +233,8 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     stats = {"answer_source": best.source, "bound_source": bound_source, "heuristic_objective": heuristic_value,
              "lagrangian_bound": dual.value, "n_pairs": int(len(problem.pw)),
              "pairs_share": len(problem.pw) / max(n_pairs_all, 1), "heuristic_seconds": t_heur,
-             "bound_seconds": t_bound, "redundancy_weight": problem.w, "mip_gap": cfg.mip_gap, **sub_info,
+             "bound_seconds": t_bound, "redundancy_weight": problem.w, "redundancy_rule": cfg.redundancy_rule,
+             "mip_gap": cfg.mip_gap, **sub_info,
              **milp_info}
     sel = best.selected.astype(np.int64)
     assignment = [list(fs) for fs in best.assignment]

@@ -83,14 +83,6 @@ def _largest_compatible(rs: np.ndarray, tau: float, k: int) -> np.ndarray:
     return best
 
 
-def reference_tau(R: np.ndarray, k: int) -> Threshold:
-    """The DINO-QPM code's effective threshold: the clique search runs on R + R^T (= 2 R for a symmetric R) but the
-    penalised pairs are then found by comparing R with it, so tau = 2 x the clique threshold of R. The compatible set
-    of the clique rule stays pairwise below it (zero penalty)."""
-    th = choose_tau(R, k)
-    return Threshold(tau=2.0 * th.tau, compatible=th.compatible, probes=th.probes)
-
-
 def choose_tau(R: np.ndarray, k: int) -> Threshold:
     """Lowest tau (on the grid of R's distinct upper-triangle values) at which the greedy finds k compatible features.
 
@@ -127,3 +119,51 @@ def choose_tau(R: np.ndarray, k: int) -> Threshold:
     if (sub >= tau).any():  # cannot happen unless the greedy is wrong; cheap to check
         raise AssertionError("choose_tau: compatible set has a pair at or above tau")
     return Threshold(tau=tau, compatible=found, probes=probes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferencePairs:
+    """The reference rule's penalised pairs: i < j with R[i, j] >= tau, each costing its min-max rescaled R."""
+
+    tau: float
+    compatible: np.ndarray  # (k,) int64 features pairwise below tau on the search scale (zero penalty)
+    pi: np.ndarray  # (P,) int64, pi < pj
+    pj: np.ndarray  # (P,) int64
+    penalty: np.ndarray  # (P,) float64 in (0, 1]: (R - min nonzero R) / (max R - min nonzero R)
+    probes: int
+
+
+def reference_pairs(R: np.ndarray, k: int, tau: float | None = None) -> ReferencePairs:
+    """The redundancy rule of RobertZimm/DINO-QPM, reproduced on purpose (docs/method.md#qp, "reference rule").
+
+    The reference builds X = R + R^T (diagonal 0), finds its threshold on X, but then penalises the pairs i < j
+    whose *R* is at or above it, with the coefficient (R - min nonzero R) / (max R - min nonzero R). For the
+    symmetric R of DINO-QPM (cosines, negatives kept) X = 2R, so only pairs above twice the single-scale threshold
+    are penalised. Here the threshold on X is found with `choose_tau` (bisection + greedy independent sets) instead
+    of the reference's Turan-started clique heuristics; the question asked is the same.
+
+    Args:
+        R: (F, F) similarity, symmetric or upper-triangular; negative values are kept.
+        k: features that must be pairwise compatible on X.
+        tau: a fixed threshold (on R) instead of the search; the compatible set is then the search's anyway.
+
+    Returns:
+        The threshold, a zero-penalty start and the penalised pairs with their coefficients (pairs whose
+        coefficient is 0, i.e. R equal to its smallest nonzero value, cost nothing and are dropped).
+    """
+    r = np.array(R, dtype=np.float64)
+    np.fill_diagonal(r, 0.0)
+    x = r + r.T
+    th = choose_tau(x, k)
+    t = th.tau if tau is None else float(tau)
+    n = r.shape[0]
+    iu, ju = np.triu_indices(n, 1)
+    vals = r[iu, ju]
+    nz = r[r != 0]
+    lo = float(nz.min()) if nz.size else 0.0
+    span = float(nz.max()) - lo if nz.size else 0.0
+    keep = (vals >= t) & (vals != 0)
+    coef = (vals[keep] - lo) / span if span > 0 else np.ones(int(keep.sum()))
+    pos = coef > 0
+    return ReferencePairs(tau=t, compatible=th.compatible, pi=iu[keep][pos].astype(np.int64),
+                          pj=ju[keep][pos].astype(np.int64), penalty=coef[pos].astype(np.float64), probes=th.probes)

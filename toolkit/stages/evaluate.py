@@ -15,7 +15,9 @@ What each model feeds in (`compute_all` documents the same mapping):
 * linear_probe: maps = raw patch tokens (N, D, h, w), weight = the probe's Linear weight (C, D), features = CLS
   tokens. The probe reads CLS, not the patches, so its GradCAM/SID are a comparison baseline, not its explanation.
 * dense: maps (N, F, h, w), the dense head weight (C, F), pooled features (N, F).
-* qpm: the k selected maps (N, k, h, w), the binary W (C, k) and the head's standardised inputs (f − μ)/σ.
+* qpm: the k selected maps (N, k, h, w), the binary W (C, k) and the raw pooled features of the k selected maps,
+  as the reference feeds them (its "final features"); class independence and contrastiveness are unchanged by the
+  head's (f − μ)/σ, but the uncentred correlation is not (docs/method.md#differences).
   GradCAM uses W, not W/σ: that is the reference's definition, so plausibility stays comparable with the paper.
   (W/σ would make the GradCAM sum to the logit up to a constant; SID@5 is the same either way for m ≥ 5.)
 
@@ -39,6 +41,7 @@ import torch
 
 from toolkit.cache import TokenStore
 from toolkit.console import Console
+from toolkit.data import read_cub_class_attributes
 from toolkit.distributed import resolve_device
 from toolkit.explain.html import write_html
 from toolkit.explain.report import format_metric, metric_label, render_explanations, write_report
@@ -55,11 +58,11 @@ def model_outputs(model: torch.nn.Module, store: TokenStore, *,
                   keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Logits (N, C), head inputs (N, F') and the maps of the `keep` rows (len(keep), F', h, w) of a cached split.
 
-    Head inputs are what the head reads: CLS for the probe, pooled maps for the dense model, (f − μ)/σ for QPM.
-    Maps of the probe are the raw patch tokens.
+    Features: CLS for the probe (what its head reads), the pooled maps for the dense and QPM models (for QPM the k
+    selected ones, before the head's (f − μ)/σ, as the reference). Maps of the probe are the raw patch tokens.
     """
     dev = next(model.parameters()).device
-    out = evaluate(model, store.dataset(), batch_size=BATCH, device=dev, head_inputs=True)
+    out = evaluate(model, store.dataset(), batch_size=BATCH, device=dev, head_inputs=isinstance(model, LinearProbe))
     maps = store_maps(model, store, keep, batch_size=BATCH) if keep is not None and len(keep) else None
     assert out.features is not None
     return out.logits, out.features, maps
@@ -73,14 +76,23 @@ def head_weight(model: torch.nn.Module) -> np.ndarray:
     return model.head_weight().detach().cpu().numpy()
 
 
-def map_subset(n: int, limit: int, seed: int) -> np.ndarray:
-    """Sorted indices of at most `limit` of n images, a seeded draw (all of them when n <= limit)."""
-    if n <= limit:
+def map_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of at most `limit` of n images, a seeded draw (all of them when n <= limit or limit is None)."""
+    if limit is None or n <= limit:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def evaluate_model(model: torch.nn.Module, run: Run, keep: np.ndarray) -> dict[str, Any]:
+def class_attributes(run: Run) -> np.ndarray | None:
+    """CUB's (C, 312) class-attribute vectors for Structural Grounding, when the run is on CUB and has them."""
+    data = run.cfg.data
+    if data.dataset != "cub" or not run.cfg.evaluate.structural_grounding or data.root is None:
+        return None
+    return read_cub_class_attributes(Path(data.root).expanduser())
+
+
+def evaluate_model(model: torch.nn.Module, run: Run, keep: np.ndarray,
+                   attributes: np.ndarray | None = None) -> dict[str, Any]:
     """The metrics of one model (test split for accuracy and maps, train split for features)."""
     logits, _, maps = model_outputs(model, run.test, keep=keep)
     _, train_features, _ = model_outputs(model, run.train)
@@ -88,7 +100,7 @@ def evaluate_model(model: torch.nn.Module, run: Run, keep: np.ndarray) -> dict[s
     masks = run.test.masks
     out = compute_all(logits=logits[keep], labels=y[keep], maps=maps, features=train_features,
                       head_weight=head_weight(model), masks=None if masks is None else masks[keep], k=SID_K,
-                      seed=run.cfg.runtime.seed, feature_labels=run.train.labels)
+                      seed=run.cfg.runtime.seed, feature_labels=run.train.labels, class_attributes=attributes)
     out["accuracy"] = accuracy(logits, y)
     # Keyed by class name (null for a class without test images), so nobody has to know the label order.
     out["per_class_accuracy"] = {name: None if np.isnan(a) else float(a) for name, a in
@@ -103,12 +115,14 @@ def _load(path: Path, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def evaluate_run(run_dir: Path, *, max_map_images: int = 1000, console: Console | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, *, max_map_images: int | None = 1000,
+                 console: Console | None = None) -> dict[str, Any]:
     """Metrics of the run's three models merged into run_dir/metrics.json, explanations and report.md.
 
     Args:
         run_dir: a run directory written by `run_pipeline` (until "finetune" or "evaluate").
-        max_map_images: most test images for the map metrics (SID@5, plausibility); a seeded draw above it.
+        max_map_images: most test images for the map metrics (SID@5, plausibility); a seeded draw above it; None =
+            every test image (`evaluate.map_images`).
         console: where progress goes (default: a plain console).
 
     Returns:
@@ -126,8 +140,9 @@ def evaluate_run(run_dir: Path, *, max_map_images: int = 1000, console: Console 
               "dense": _load(run.stage_dir("dense") / "checkpoint", device),
               "qpm": _load(run_dir / "checkpoint", device)}
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    attributes = class_attributes(run)
     for name, model in models.items():
-        new = evaluate_model(model, run, keep)
+        new = evaluate_model(model, run, keep, attributes)
         section = metrics.setdefault(name, {})
         if "accuracy" in section and abs(section["accuracy"] - new["accuracy"]) > 1e-9:
             console.warn(f"{name}: recomputed accuracy {new['accuracy']:.4f} differs from the pipeline's "
@@ -138,7 +153,8 @@ def evaluate_run(run_dir: Path, *, max_map_images: int = 1000, console: Console 
                              "map_images_seed": run.cfg.runtime.seed, "feature_split": "train",
                              "train_images": len(run.train), "sid_k": SID_K, "plausibility": "gradcam_dilated",
                              "qpm_gradcam_weight": "binary W (reference definition)",
-                             "masks": run.test.masks is not None}
+                             "masks": run.test.masks is not None,
+                             "structural_grounding": "cub class attributes" if attributes is not None else None}
     write_json(run_dir / "metrics.json", metrics)
     qpm = models["qpm"]
     assert isinstance(qpm, DinoQPM)

@@ -37,7 +37,7 @@ def run_selection(*, dense: DenseResult, n_classes: int, cfg: QPConfig, root: Pa
         if dist_info().is_main:
             feats, labels = dense.train_features, dense.train_labels
             A = correlation_A(feats, labels, n_classes)
-            R = similarity_R(A)
+            R = similarity_R(A, keep_negative=cfg.redundancy_rule == "reference")
             save_inputs(tmp / "inputs.npz", A, R)
             sel = solve_qp(A, R, cfg, log=ctx.console.log)
             (tmp / "selection.json").write_text(sel.to_json())

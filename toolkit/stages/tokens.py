@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from toolkit.artifacts import get_or_run
-from toolkit.cache import LiveSplit, TokenStore, allocate_store, extract_tokens, token_key
+from toolkit.cache import LiveSplit, TokenStore, allocate_store, extract_tokens, n_cls_blocks, token_key
 from toolkit.config import BackboneConfig, CacheConfig, DataConfig
 from toolkit.console import Console
+from toolkit.data import preprocess_for
 from toolkit.distributed import barrier, dist_info
 from toolkit.model import Backbone
 
@@ -43,13 +44,15 @@ def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheCon
         grid = backbone.grid(data.image_size)
         if info.is_main:
             has_masks = len(dataset) > 0 and dataset[0][2] is not None
-            allocate_store(tmp, n=len(dataset), grid=grid, dim=backbone.embed_dim, masks=has_masks)
+            allocate_store(tmp, n=len(dataset), grid=grid, dim=backbone.embed_dim, masks=has_masks,
+                           cls_blocks=n_cls_blocks(backbone))
+        pre = preprocess_for(data, backbone.mean, backbone.std)
         barrier()
         t0 = time.perf_counter()
         n = extract_tokens(backbone, dataset, tmp, image_size=data.image_size,
                            reference_minmax=data.reference_minmax, batch_size=backbone_cfg.batch_size,
                            console=console, desc=f"backbone tokens ({split})", shard=(info.rank, info.world_size),
-                           options=loader_options)
+                           options=loader_options, preprocess=pre, mask_resize=data.mask_resize)
         seconds = time.perf_counter() - t0
         barrier()
         if not info.is_main:
@@ -57,7 +60,8 @@ def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheCon
         np.save(tmp / "labels.npy", np.asarray(dataset.labels, dtype=np.int64))
         meta = {"grid": list(grid), "classes": list(dataset.classes), "ids": list(dataset.ids),
                 "variant": dataset.variant, "embed_dim": backbone.embed_dim, "backbone": backbone.name,
-                "weights": backbone.weights_hash, "mean": list(backbone.mean), "std": list(backbone.std)}
+                "weights": backbone.weights_hash, "mean": list(pre.mean), "std": list(pre.std),
+                "interpolation": pre.interpolation}
         (tmp / "meta.json").write_text(json.dumps(meta))
         # Rank 0's throughput; every rank encodes about len(dataset) / world_size images.
         return {"images": len(dataset), "images_per_second_rank0": round(n / max(seconds, 1e-9), 2),

@@ -17,6 +17,8 @@ from torch import nn
 from toolkit.config import TrainConfig
 from toolkit.distributed import barrier, dist_info
 from toolkit.files import atomic_write_bytes
+from toolkit.train.optim import make_optimizer as _make_optimizer
+from toolkit.train.optim import schedule_free
 
 
 class Engine(Protocol):
@@ -51,12 +53,12 @@ class Engine(Protocol):
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW or schedule-free AdamW over the trainable parameters (`cfg.optimizer`; toolkit.train.optim)."""
+    return _make_optimizer(module, cfg)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
-    if cfg.schedule == "cosine":
+    if cfg.schedule == "cosine" and not schedule_free(cfg):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 

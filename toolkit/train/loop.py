@@ -26,6 +26,7 @@ from toolkit.distributed import DistInfo, dist_info, pause_for_test, set_rng_sta
 from toolkit.model import DinoQPM, LinearProbe, SparseHead, join_tokens
 from toolkit.train.engine import Engine
 from toolkit.train.losses import cross_entropy, total_loss
+from toolkit.train.optim import set_optimizer_mode
 
 
 def _identity(batch: Any) -> Any:
@@ -148,6 +149,7 @@ def train_epoch(engine: Engine, loader: DataLoader, cfg: TrainConfig, *, backbon
         after_iter: called once the loader's iterator exists (a mid-epoch resume restores the RNG streams there).
     """
     engine.module.train()
+    set_optimizer_mode(engine, train=True)  # schedule-free: gradients at the interpolated point
     sums: dict[str, float] = dict(partial or {})
     n_micro = start + len(loader)
     batches = iter(loader)  # may draw the loader's base seed from the global RNG
@@ -361,4 +363,5 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
             pause_for_test(name, done)
         if on_epoch is not None:
             on_epoch(name, history[-1])
+    set_optimizer_mode(engine, train=False)  # schedule-free: the model now holds the averaged weights
     return history

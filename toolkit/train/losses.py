@@ -75,7 +75,9 @@ def feature_diversity_loss(maps: Tensor, features: Tensor, logits: Tensor, head_
     a = v / v.max(dim=1, keepdim=True).values.clamp_min(SCALE_FLOOR)  # (B, F)
     sigma = torch.softmax(maps.float().flatten(2), dim=-1)  # (B, F, h*w)
     weighted = (omega * a).unsqueeze(-1) * sigma  # (B, F, h*w)
-    return -(beta / n) * weighted.max(dim=1).values.sum()
+    # amax, as the reference: where channels tie (e.g. all-zero maps) the gradient is split evenly among them
+    # (max would send it to one); the loss value is the same.
+    return -(beta / n) * weighted.amax(dim=1).sum()
 
 
 def l1_maps(maps: Tensor) -> Tensor:
