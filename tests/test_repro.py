@@ -17,6 +17,7 @@ import scipy.io as sio
 import torch
 from PIL import Image, ImageDraw
 
+from toolkit.artifacts import Manifest, describe_files
 from toolkit.cache import TokenStore
 from toolkit.config import ConfigError, DenseConfig, ProbeDinov2Config, QPConfig, load_config
 from toolkit.console import Console
@@ -214,6 +215,7 @@ def _write_store(d: Path, blocks: np.ndarray, pmean: np.ndarray, labels: np.ndar
     np.save(d / "cls.npy", blocks[:, -1].astype(np.float16))
     np.save(d / "labels.npy", labels.astype(np.int64))
     (d / "meta.json").write_text(json.dumps({"classes": ["a", "b", "c"], "grid": [1, 1]}))
+    Manifest(stage="tokens", key=d.name, config={}, files=describe_files(d)).write(d)  # as a published store has
     return TokenStore(d, d.name)
 
 
@@ -337,7 +339,7 @@ def test_solve_qp_and_cli_use_the_chosen_rule(tmp_path: Path) -> None:
     from toolkit.qp.inputs import save_inputs
 
     rng = np.random.default_rng(0)
-    A = rng.uniform(-1, 1, (5, 2))
+    A = rng.uniform(-1, 1, (5, 3))  # 3 classes x 1 feature can use all k = 3 selected features
     base = {"n_features": 3, "n_per_class": 1, "solver": "heuristic", "time_limit": 5.0}
     ref = solve_qp(A, _r(clip=False), QPConfig(**base, redundancy_rule="reference"))
     single = solve_qp(A, _r(clip=True), QPConfig(**base, redundancy_rule="clique"))

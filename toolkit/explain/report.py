@@ -38,6 +38,8 @@ METRIC_INFO: dict[str, tuple[str, str]] = {
                         "fit; train split)"),
     "correlation": ("lower", "redundancy: each feature's largest cosine similarity to another feature (train split)"),
     "plausibility": ("higher", "share of the predicted class's GradCAM mass on the object (dilated mask)"),
+    "structural_grounding": ("higher", "how well class similarities in the head match class-attribute similarities "
+                                       "(CUB attributes)"),
 }
 
 
