@@ -10,7 +10,7 @@ Packages, from the foundation up (a module imports only from the ones above it; 
     metrics/    interpretability metrics as pure functions
     explain/    local, global and contrast views, the run report, the explain CLI
     runs        reading a finished run directory
-    stages/     tokens, probe, dense, select (QP), finetune, evaluate: artefacts in, artefact out
+    stages/     tokens, probe, probe_dinov2, dense, select (QP), finetune, evaluate: artefacts in, artefact out
     pipeline    chains the stages and writes the run directory
 
 Public API (imported lazily so `import toolkit` stays cheap):

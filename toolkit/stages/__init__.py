@@ -2,6 +2,7 @@
 
     tokens.py    images -> token cache (one frozen-backbone pass per split), or a live split
     probe.py     tokens -> linear probe on the CLS token (the baseline)
+    probe_dinov2.py  tokens -> DINOv2's own linear evaluation (last blocks' CLS [+ mean patch]), the stronger baseline
     dense.py     tokens -> adapter + dense head, pooled train features, per-feature mean/std
     select.py    dense features -> A, R -> QPM selection and assignment, with a certificate
     finetune.py  dense model + selection -> the DINO-QPM model

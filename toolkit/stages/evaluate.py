@@ -167,7 +167,7 @@ def evaluate_run(run_dir: Path, *, max_map_images: int | None = 1000,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m toolkit.evaluate",
+    parser = argparse.ArgumentParser(prog="dinoqpm-evaluate",
                                      description="Metrics, explanations and report.md of a finished run.")
     parser.add_argument("--run", required=True, type=Path, help="run directory written by the pipeline")
     parser.add_argument("--max-map-images", type=int, default=1000,
