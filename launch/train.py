@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if dist_info().is_main:  # one line per run, not one per rank
         print(f"run directory: {result.run_dir}")
-        if (result.run_dir / "report.md").is_file():
-            print(f"report: {result.run_dir / 'report.md'}")
+        for name in ("report.html", "report.md"):
+            if (result.run_dir / name).is_file():
+                print(f"report: {result.run_dir / name}")
     return 0
 
 
