@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from toolkit.config import ConfigError, dump_config, load_config
-from toolkit.distributed import dist_info
+from toolkit.distributed import dist_info, shutdown_distributed
 from toolkit.pipeline import run_dir_for, run_pipeline
 
 
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed()
     if dist_info().is_main:  # one line per run, not one per rank
         print(f"run directory: {result.run_dir}")
         for name in ("report.html", "report.md"):

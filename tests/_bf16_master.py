@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from toolkit.config import AdapterConfig, DenseConfig, RuntimeConfig
 from toolkit.console import Console
+from toolkit.distributed import shutdown_distributed
 from toolkit.model import build_dense_model, save_checkpoint
 from toolkit.train import TrainContext, make_engine_factory, train_model
 
@@ -76,7 +77,8 @@ def main() -> int:
         "not_bf16_representable": sum(int((saved[n] != saved[n].bfloat16().float()).sum()) for n in master)
         / sum(saved[n].numel() for n in master),
     }
-    print("BF16_REPORT " + json.dumps(report))
+    print("BF16_REPORT " + json.dumps(report), flush=True)
+    shutdown_distributed()
     return 0
 
 

@@ -73,6 +73,13 @@ def init_distributed(cfg: RuntimeConfig) -> DistInfo:
     return dist_info()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly (a no-op for one process). Left to interpreter exit, the communication
+    threads of gloo and DeepSpeed can be torn down mid-flight and abort the process after the work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def deepspeed_requested(cfg: RuntimeConfig) -> bool:
     """True when the DeepSpeed engine should train: asked for, or auto under the deepspeed launcher."""
     if cfg.engine != "auto":
