@@ -172,7 +172,16 @@ def _metrics_section(metrics: dict[str, Any], classes: Sequence[str]) -> list[st
         out.append(f"<tr><td>{escape(name.replace('_', ' '))}</td>"
                    + "".join(f'<td class="num">{format_metric(sec.get(k), pct=True)}</td>' for k, _ in REPORTED)
                    + "</tr>")
+    p2 = metrics.get("linear_probe_dinov2")
+    if p2:  # accuracy only: a probe on concatenated tokens has no feature maps of its own
+        out.append("<tr><td>linear probe (DINOv2 protocol)</td>"
+                   + "".join(f'<td class="num">{format_metric(p2.get(k) if k == "accuracy" else None, pct=True)}</td>'
+                             for k, _ in REPORTED) + "</tr>")
     out.append("</table><p class=\"muted\">Values in %.")
+    if p2:
+        out.append(f" DINOv2-protocol probe: CLS of the last {escape(str(p2.get('n_blocks')))} block(s)"
+                   + (" + average patch token" if p2.get("avgpool") else "")
+                   + f", lr {escape(str(p2.get('lr')))}, chosen on a held-out share of the train split.")
     if ev:
         out.append(f" Accuracy on all {ev.get('test_images')} test images; SID@{ev.get('sid_k')} and plausibility on "
                    f"{ev.get('map_images')} of them; class independence, contrastiveness and correlation on the "
