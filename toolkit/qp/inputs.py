@@ -1,13 +1,14 @@
 """Inputs of the QPM selection problem: A (feature-class correlation) and R (feature-feature similarity).
 
-Both follow the reference (qpm.md §2.1-2.2, dino_qpm.md §2.4) as pure array maths on the pooled train features:
+Both follow QPM and the DINO-QPM reference code (docs/method.md#qp) as pure array maths on the pooled train
+features:
 
     A[f, c] = cov(x_f, y_c) / (std(x_f) * std(y_c))   (Pearson with the one-hot label y_c, population std)
     A      <- A / max|A|
     R[i, j] = cos(A[i, :], A[j, :])                   (class-correlation profiles, not activations)
-    R      <- R with its diagonal and its negatives set to 0
+    R      <- R with its diagonal set to 0, and its negatives too unless keep_negative (the reference rule)
 
-Guard the reference lacks (qpm.md §8): a dead feature (zero variance) or an empty class gives a 0 row / column
+Guard the reference lacks: a dead feature (zero variance) or an empty class gives a 0 row / column
 instead of NaN.
 """
 
