@@ -35,7 +35,7 @@ from toolkit.qp.certificate import verify
 from toolkit.qp.inputs import save_inputs, similarity_R
 from toolkit.qp.problem import duplicate_groups, top_m_assignment, unused_features
 from toolkit.qp.subset_bound import _Inner, clique_cut_rows, penalty_cliques, subset_bound
-from toolkit.qp.threshold import _largest_compatible, symmetric_upper
+from toolkit.qp.threshold import _largest_compatible, reference_pairs, symmetric_upper
 
 F, C, K, M = 10, 5, 5, 2
 
@@ -68,11 +68,12 @@ def _best_covering(gain: np.ndarray, subsets: list[tuple[int, ...]], sel: tuple[
 
 
 def _brute_force(A: np.ndarray, R: np.ndarray, k: int, m: int, tau: float, w: float,
-                 link: bool = True, rescale: bool = False) -> tuple[float, bool]:
+                 link: bool = True, reference: bool = False) -> tuple[float, bool]:
     """Exact optimum by enumerating every selection; for each, the best distinct assignment is an assignment
     problem between classes and all m-subsets of the selection, and, when that leaves a selected feature unused
     (and `link`), an ILP that also covers every feature. Also says whether distinctness binds."""
-    p = build_problem(A, R, k=k, m=m, tau=tau, w=w, rescale=rescale)
+    p = (reference_pairs(R, k, tau).problem(A, k=k, m=m, w=w) if reference
+         else build_problem(A, R, k=k, m=m, tau=tau, w=w))
     best, best_free = -math.inf, -math.inf
     for sel in itertools.combinations(range(A.shape[0]), k):
         subsets = list(itertools.combinations(sel, m))
@@ -147,11 +148,11 @@ def test_reference_rule_doubles_tau_rescales_the_penalty_and_matches_brute_force
     R = similarity_R(A)
     sel = solve_qp(A, R, _cfg(redundancy_rule="reference"))
     assert sel.tau == pytest.approx(2 * choose_tau(R, K).tau)
-    p = build_problem(A, R, k=K, m=M, tau=sel.tau, w=1.0, rescale=True)
+    p = reference_pairs(R, K, sel.tau).problem(A, k=K, m=M, w=1.0)
     r = R[np.triu_indices(F, 1)]
     lo, hi = r[r > 0].min(), r.max()
     np.testing.assert_allclose(p.pw, (R[p.pi, p.pj] - lo) / (hi - lo))  # min-max over R's nonzeros
-    exact, _ = _brute_force(A, R, K, M, sel.tau, 1.0, rescale=True)
+    exact, _ = _brute_force(A, R, K, M, sel.tau, 1.0, reference=True)
     assert sel.objective == pytest.approx(exact, rel=1e-6) and sel.status == "optimal"
     with pytest.raises(QPInputError, match="redundancy_rule"):
         solve_qp(A, R, type("Cfg", (), {**vars(_cfg()), "redundancy_rule": "turan"})())  # past config validation

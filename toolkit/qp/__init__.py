@@ -10,9 +10,11 @@ locality bias b):
 A (F x C) is the Pearson feature-class correlation with max|A| = 1; R (F x F) is the cosine similarity between
 rows of A with the diagonal and negatives set to 0 (read on its upper triangle); tau is the redundancy threshold
 (default: the lowest one at which k pairwise-compatible features exist, docs/method.md#qp) and w its weight.
-Unlike the reference, the penalty uses w * R directly, not R min-max rescaled over its nonzeros, balance and
-distinctness hold over all features, not only "relevant" ones, and every selected feature serves some class
-(docs/method.md, differences from the reference code).
+qp.redundancy_rule picks how tau and the penalty are made: `reference` (the default, as the reference code: tau
+searched on R + R^T but compared with R, negative cosines kept, penalty R min-max rescaled over its nonzeros) or
+`clique` (tau and penalty w * R on R itself). Unlike the reference, balance and distinctness hold over all features,
+not only "relevant" ones, and every selected feature serves some class (docs/method.md, differences from the
+reference code).
 
 Pipeline of `solve_qp`: pre-checks (`_checks`) -> tau (`threshold`) -> heuristic (`heuristic`, `assign`) ->
 LP-Lagrangian bound (`bound`) -> subset-Lagrangian bound with the penalty kept exact, whose inner selections also

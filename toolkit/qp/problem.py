@@ -73,13 +73,9 @@ class Problem:
         return self.alpha * float(top.sum())
 
 
-def build_problem(A: np.ndarray, R: np.ndarray, *, k: int, m: int, tau: float, w: float,
-                  rescale: bool = False) -> Problem:
-    """Collect the penalised pairs {i < j : R[i, j] >= tau, R[i, j] > 0} of the upper triangle of R.
-
-    With `rescale` (the reference rule) the penalty of a pair is w (R - r_min) / (r_max - r_min), r_min and r_max the
-    smallest and largest nonzero upper-triangle values of R (the reference code's min-max rescaling, docs/method.md,
-    differences from the reference code); pairs whose rescaled penalty is 0 are dropped.
+def build_problem(A: np.ndarray, R: np.ndarray, *, k: int, m: int, tau: float, w: float) -> Problem:
+    """Collect the penalised pairs {i < j : R[i, j] >= tau, R[i, j] > 0} of the upper triangle of R, each costing
+    w R[i, j] (the clique rule; the reference rule's pairs and penalties come from `threshold.reference_pairs`).
 
     R is read on its upper triangle only, as in the objective's sum over i < j, so the symmetric R of
     `similarity_R` and the reference's upper-triangular R (docs/method.md#qp) define the same problem. Pairs with R = 0
@@ -87,13 +83,9 @@ def build_problem(A: np.ndarray, R: np.ndarray, *, k: int, m: int, tau: float, w
     """
     iu, ju = np.triu_indices(A.shape[0], 1)
     r = R[iu, ju]
-    pen = r
-    if rescale and (r > 0).any():
-        lo, hi = float(r[r > 0].min()), float(r.max())
-        pen = (r - lo) / (hi - lo) if hi > lo else np.ones_like(r)
-    keep = (r >= tau) & (r > 0) & (pen > 0) if w > 0 else np.zeros(r.shape, dtype=bool)
+    keep = (r >= tau) & (r > 0) if w > 0 else np.zeros(r.shape, dtype=bool)
     return Problem(A=A, pi=iu[keep].astype(np.int64), pj=ju[keep].astype(np.int64),
-                   pw=(w * pen[keep]).astype(np.float64), k=k, m=m, tau=float(tau), w=float(w))
+                   pw=(w * r[keep]).astype(np.float64), k=k, m=m, tau=float(tau), w=float(w))
 
 
 def objective(problem: Problem, selected: np.ndarray, assignment: Assignment) -> float:

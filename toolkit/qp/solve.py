@@ -120,9 +120,7 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     else:
         tau = float(cfg.redundancy_threshold)
     if reference:
-        w = cfg.redundancy_weight
-        keep = np.ones(len(rp.pi), dtype=bool) if w > 0 else np.zeros(len(rp.pi), dtype=bool)
-        problem = Problem(A=a, pi=rp.pi[keep], pj=rp.pj[keep], pw=w * rp.penalty[keep], k=k, m=m, tau=tau, w=w)
+        problem = rp.problem(a, k=k, m=m, w=cfg.redundancy_weight)
     else:
         problem = build_problem(a, r, k=k, m=m, tau=tau, w=cfg.redundancy_weight)
     budget = cfg.time_limit

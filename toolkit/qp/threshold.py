@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from toolkit.qp.problem import Problem
+
 
 @dataclass(frozen=True, kw_only=True)
 class Threshold:
@@ -131,6 +133,12 @@ class ReferencePairs:
     pj: np.ndarray  # (P,) int64
     penalty: np.ndarray  # (P,) float64 in (0, 1]: (R - min nonzero R) / (max R - min nonzero R)
     probes: int
+
+    def problem(self, A: np.ndarray, *, k: int, m: int, w: float) -> Problem:
+        """The QPM instance of these pairs: each costs w x its rescaled penalty (none when w = 0)."""
+        keep = slice(None) if w > 0 else slice(0, 0)
+        return Problem(A=A, pi=self.pi[keep], pj=self.pj[keep], pw=w * self.penalty[keep], k=k, m=m, tau=self.tau,
+                       w=w)
 
 
 def reference_pairs(R: np.ndarray, k: int, tau: float | None = None) -> ReferencePairs:
