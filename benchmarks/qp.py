@@ -8,10 +8,11 @@ groups of features are redundant; about 60 % of activations are 0. A and R are t
 pipeline (toolkit.qp.inputs).
 
 Redundancy thresholds ("rules"):
-* "clique": tau = None, the toolkit default (the lowest tau at which k pairwise-compatible features exist), which
-  penalises ~10 % of all pairs on these instances;
-* "reference": qp.redundancy_rule = "reference", as the DINO-QPM code: twice the clique tau (it finds tau on R + R^T
-  but compares R; docs/method.md, differences from the reference code), penalty min-max rescaled over R's nonzeros;
+* "clique": tau = None with qp.redundancy_rule = "clique" (the lowest tau at which k pairwise-compatible features
+  exist), which penalises ~10 % of all pairs on these instances;
+* "reference": qp.redundancy_rule = "reference" (the toolkit default), as the DINO-QPM code: twice the clique tau
+  (it finds tau on R + R^T but compares R; docs/method.md, differences from the reference code), penalty min-max
+  rescaled over R's nonzeros;
 * "dino": the same tau with the toolkit's penalty w R;
 * "q99": tau = the 99th percentile of R (~1 % of pairs), the setting of the prototype benchmark;
 * "q95", "q85": fixed thresholds passed as numbers, penalising 5 % and 15 % of the pairs.
@@ -120,10 +121,13 @@ def main() -> None:
                 cache[name] = instance(name, args.seed)
             else:
                 A, R = load_inputs(Path(name))
-                cache[name] = (A, similarity_R(A) if R is None else R)
+                cache[name] = (A, similarity_R(A, keep_negative=True) if R is None else R)
         A, R = cache[name]
         if rule == "reference" and name in SIZES:  # the reference rule keeps negative cosines in R
             R = similarity_R(A, keep_negative=True)
+        elif rule != "reference" and name not in SIZES:
+            # A reference-rule run stores R with its negative cosines; the other rules set them to 0.
+            R = np.maximum(R, 0.0)
         limit = args.time_limit or (600.0 if name == "imagenet" else 60.0)
         for method in args.methods:
             rows.append(run(name, A, R, rule, limit, method))

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from toolkit.qp.bound import lagrangian_value
 from toolkit.qp.certificate import verify
 from toolkit.qp.inputs import save_inputs, similarity_R
 from toolkit.qp.problem import duplicate_groups, top_m_assignment, unused_features
+from toolkit.qp.sdp_bound import InnerSDP
 from toolkit.qp.subset_bound import _Inner, clique_cut_rows, penalty_cliques, subset_bound
 from toolkit.qp.threshold import _largest_compatible, reference_pairs, symmetric_upper
 
@@ -226,8 +228,38 @@ def test_clique_cuts_keep_the_inner_optimum_and_its_lp_bound_valid() -> None:
 
 
 @pytest.mark.solver
+def test_sdp_inner_bound_is_valid_for_any_duals_and_stronger_than_the_lp() -> None:
+    """The lifted relaxation of the inner problem (sdp_bound), against brute force over all k-subsets on dense
+    graphs (about 70 % of the pairs penalised): its certificate is never below the inner optimum, also for random
+    dual values (weak duality, no solver tolerance involved), and it leaves much less above the optimum than the LP
+    with clique cuts (measured on these seeds: 0.14 against 1.71 in total)."""
+    n, k = 16, 6
+    subsets = [np.array(s) for s in itertools.combinations(range(n), k)]
+    sdp_excess = lp_excess = 0.0
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        A = rng.uniform(0.0, 1.0, (n, 3))
+        R = np.triu(rng.uniform(0.0, 1.0, (n, n)), 1)
+        p = build_problem(A, R, k=k, m=1, tau=0.3, w=0.5)
+        assert len(p.pw) >= 0.6 * n * (n - 1) / 2
+        inner, sdp = _Inner(p, penalty_cliques(p, rng.random(n))), InnerSDP(p)
+        g = rng.normal(1.0, 0.3, n)
+        exact = max(float(g[s].sum()) - p.penalty(s) for s in subsets)
+        ub, s = sdp.solve(g, 30.0)
+        assert ub >= exact - 1e-9
+        assert s.shape == (n,) and s.sum() == pytest.approx(k, abs=1e-2)
+        for _ in range(5):  # any duals certify a valid (if loose) bound
+            assert sdp.certify(sdp.cost(g), rng.normal(size=sdp.n_eq), rng.normal(size=sdp.n_pair)) >= exact - 1e-9
+        lp_ub, _ = inner.lp_solve(g, 60.0)
+        sdp_excess += ub - exact
+        lp_excess += lp_ub - exact
+    assert lp_excess > 1.0 and sdp_excess < 0.25 * lp_excess
+
+
+@pytest.mark.solver
 def test_dense_subset_bound_stays_valid() -> None:
-    """Most pairs penalised (the clique-cut and LP-phase path): the bound stays above the brute-force optimum."""
+    """Most pairs penalised (clique cuts, LP phase, then the lifted relaxation): the bound stays above the
+    brute-force optimum."""
     A = _instance(2, twins=True)
     R = similarity_R(A)
     p = build_problem(A, R, k=K, m=M, tau=0.0, w=0.3)
@@ -238,6 +270,9 @@ def test_dense_subset_bound_stays_valid() -> None:
         u = rng.normal(0.3, 0.5, C) * p.alpha
         sub = subset_bound(p, u, math.inf, incumbent=exact - 1.0, target=-math.inf, max_iterations=30)
         assert sub.value >= exact - 1e-7 and sub.iterations >= 1
+        # Run to convergence (about 50 steps, well under a second here): the LP phase, then the lifted relaxation.
+        sub = subset_bound(p, u, time.perf_counter() + 600.0, incumbent=exact - 1.0, target=-math.inf)
+        assert sub.sdp_solves >= 1 and sub.value >= exact - 1e-7
 
 
 @pytest.mark.solver

@@ -165,10 +165,12 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
         inc = state.best
         sub = subset_bound(problem, dual.u, deadline, incumbent=inc.value, target=inc.value * (1 + cfg.mip_gap),
                            start=inc.selected, on_selection=on_selection)
-        state.offer_bound(sub.value, "lagrangian-subset")
-        sub_info.update({"subset_bound": sub.value, "subset_iterations": sub.iterations,
+        state.offer_bound(sub.value, f"lagrangian-subset-{sub.phase}")
+        sub_info.update({"subset_bound": sub.value, "subset_iterations": sub.iterations, "subset_phase": sub.phase,
+                         "subset_sdp_solves": sub.sdp_solves,
                          "subset_seconds": time.perf_counter() - t1, "subset_inner_seconds": sub.inner_seconds})
-        say(f"qp: subset-Lagrangian bound {sub.value:.6f} ({sub.iterations} inner solves), answer "
+        say(f"qp: subset-Lagrangian bound {sub.value:.6f} ({sub.iterations} inner solves, best from the "
+            f"{sub.phase.upper()} inner relaxation), answer "
             f"{state.best.value:.6f}, gap {rel_gap(state.best.value, state.bound):.3%} "
             f"({time.perf_counter() - t1:.1f}s)")
 

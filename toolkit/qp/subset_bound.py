@@ -17,17 +17,21 @@ We certify HiGHS's proven upper bound of the inner problem (valid also when it s
 incumbent, and lower L by Polyak subgradient steps on u from the LP-optimal prices of `bound.dual_bound`. The inner
 optimum S of each step is also a good selection, handed back for the local search (the primal side).
 
-Dense penalty graphs (at least 2 % of the pairs penalised, which includes the default clique rule): HiGHS's root
+Dense penalty graphs (at least 2 % of the pairs penalised, e.g. the clique rule at CUB size): HiGHS's root
 bound of the plain inner model stays far above the inner optimum, and each solve takes seconds. The inner model
 then gets clique inequalities of the penalty graph (`clique_cut_rows`; valid for every binary s, so the inner
 optimum is unchanged), which cut off the fractional points where the pair rows vanish, and the price steps run
 first on the inner model's LP relaxation (a warm-started simplex; its bound is recomputed from the duals), then on
-the MIP from the best prices, and the time left goes to one MIP solve at the best prices. Any upper bound of the
-inner maximum (LP with valid cuts, or the MIP's dual bound) keeps L valid.
+the lifted semidefinite relaxation of the inner problem from the best prices (`sdp_bound`; far stronger than the
+LP or the MIP's root there), ending with one tighter solve at the best prices. Where the SDP does not fit (F above
+`sdp_bound.MAX_FEATURES`), the MIP takes its place and the time left goes to one MIP solve at the best prices. Any
+upper bound of the inner maximum (LP with valid cuts, the SDP's dual certificate, or the MIP's dual bound) keeps L
+valid.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from toolkit.qp.problem import Problem
+from toolkit.qp.sdp_bound import SDP_EPS, TIGHT_EPS, InnerSDP, sdp_applies
 
 _INNER_GAP = 1e-6  # relative MIP gap of the inner problem (what it leaves open adds to the bound)
 _INNER_SECONDS = 10.0  # time limit of one inner solve (its proven bound is used even when it stops early)
@@ -45,6 +50,9 @@ _CLIQUE_MAX_A = 8  # clique cuts for a = 1 .. min(|Q| - 1, this)
 _CLIQUE_MAX_ROWS = 4_000  # measured: more rows slow the inner LP (CUB q85: 5-12 s a step) more than they gain
 _CLIQUE_PASSES = 3  # greedy clique passes (`penalty_cliques`)
 _LP_SHARE = 0.6  # dense graphs: share of the subset bound's time for price steps on the inner LP relaxation
+_LP_SHARE_SDP = 0.3  # the same when the SDP phase follows (its steps matter more: CUB q85, 323.8 at the LP's best
+# prices, 320.4 at the joint optimum)
+_SDP_TIGHT_SHARE = 0.2  # of the SDP phase: the last solve, at the best prices and a tighter tolerance
 _LP_STEP = 0.5  # first Polyak factor of the LP phase (1 overshoots: the incumbent is far below the bound there)
 _MIP_STEP = 0.5  # Polyak factor when the MIP phase resumes from the LP phase's best prices
 _OFFER_EVERY = 10  # LP phase: a rounded selection goes to `on_selection` at most every this many steps
@@ -63,7 +71,9 @@ class SubsetBound:
     u: np.ndarray  # (C,) class prices of the best bound
     lam: np.ndarray  # (F,) link prices (>= 0) of the best bound
     iterations: int
-    inner_seconds: float  # total time in HiGHS
+    inner_seconds: float  # total time in the inner solves (HiGHS, SCS)
+    phase: str  # which inner relaxation gave the best bound: "mip" (HiGHS branch and bound), "lp" or "sdp"
+    sdp_solves: int  # inner solves of the lifted relaxation
 
 
 def penalty_cliques(problem: Problem, priority: np.ndarray, passes: int = _CLIQUE_PASSES) -> list[np.ndarray]:
@@ -290,31 +300,47 @@ def subset_bound(problem: Problem, u0: np.ndarray, deadline: float, *, incumbent
     # the inner LP alone gives 347.4 in 0.1 s (346.7 with three clique passes), so many more price steps fit.
     cliques = penalty_cliques(p, np.maximum(aa - u, 0.0).sum(1)) if dense else None
     inner = _Inner(p, cliques)
+    # Dense graphs where it fits: after the LP phase, the price steps run on the lifted (semidefinite) relaxation
+    # of the inner problem, far stronger there than the LP or HiGHS's branch and bound (sdp_bound).
+    sdp = InnerSDP(p) if dense and sdp_applies(p) else None
     inner_limit = _DENSE_INNER_SECONDS if dense else _INNER_SECONDS
-    best, best_u, best_lam = float("inf"), u.copy(), lam_f.copy()
+    best, best_u, best_lam, best_phase, sdp_solves = float("inf"), u.copy(), lam_f.copy(), "mip", 0
     lam, stall, it, spent, last_offer = (_LP_STEP if dense else 1.0), 0, 0, 0.0, -_OFFER_EVERY
     seen: set[bytes] = set()
     sel = None if start is None else np.sort(np.asarray(start, dtype=np.int64))
     # Dense graphs start with the LP relaxation of the inner model (cuts included): a warm-started simplex that
-    # takes 0.1-2 s where the MIP's root takes 2-10 s, so the prices converge; then the MIP at the best prices.
-    use_lp = dense
-    lp_end = time.perf_counter() + _LP_SHARE * max(deadline - time.perf_counter(), 0.0)
-    final = False
+    # takes 0.1-2 s where the MIP's root takes 2-10 s, so the prices converge; then the SDP (or, where it does not
+    # fit, the MIP) from the best prices.
+    mode = "lp" if dense else "mip"
+    lp_end = time.perf_counter() + (_LP_SHARE_SDP if sdp else _LP_SHARE) * max(deadline - time.perf_counter(), 0.0)
+    final, sdp_end = False, math.inf
     while it < max_iterations and time.perf_counter() < deadline and best > target:
-        if lam <= _MIN_STEP or (use_lp and time.perf_counter() >= lp_end):
-            if not use_lp:
+        now = time.perf_counter()
+        if lam <= _MIN_STEP or (mode == "lp" and now >= lp_end) or (mode == "sdp" and now >= sdp_end):
+            if mode == "sdp":
+                # The steps have converged (or their time is up): one solve at a tighter tolerance at the best
+                # prices, warm-started, with the time left (at CUB size it certifies ~1 unit lower there).
+                final, u, lam_f, sdp_end = True, best_u.copy(), best_lam.copy(), math.inf
+            elif mode == "mip":
                 if final or not dense:
                     break  # converged as far as the step size allows
                 # Dense: the steps have converged; the time left goes to one MIP solve at the best prices, whose
                 # branch and bound can only lower the bound there.
                 final, u, lam_f, inner_limit = True, best_u.copy(), best_lam.copy(), deadline - time.perf_counter()
             else:
-                use_lp, u, lam_f, lam, stall = False, best_u.copy(), best_lam.copy(), _MIP_STEP, 0
+                mode = "sdp" if sdp is not None else "mip"
+                u, lam_f, lam, stall = best_u.copy(), best_lam.copy(), _MIP_STEP, 0
+                sdp_end = deadline - _SDP_TIGHT_SHARE * max(deadline - now, 0.0) if sdp is not None else math.inf
         over = aa - u + lam_f[:, None]  # (F, C)
         g = np.maximum(over, 0.0).sum(1) - lam_f
         t = time.perf_counter()
-        if use_lp:
-            ub, weights = inner.lp_solve(g, deadline - t)
+        if mode in ("lp", "sdp"):
+            if mode == "lp":
+                ub, weights = inner.lp_solve(g, deadline - t)
+            else:
+                assert sdp is not None
+                ub, weights = sdp.solve(g, deadline - t, eps=TIGHT_EPS if final else SDP_EPS)
+                sdp_solves += 1
             found = None if weights is None else np.sort(np.argsort(-weights)[: p.k]).astype(np.int64)
         else:
             ub, found = inner.solve(g, sel, min(inner_limit, deadline - t))
@@ -333,21 +359,22 @@ def subset_bound(problem: Problem, u0: np.ndarray, deadline: float, *, incumbent
         it += 1
         value = p.m * float(u.sum()) + ub + _SAFETY * (abs(ub) + 1.0)
         if final:
-            best = min(best, value)
+            if value < best:
+                best, best_phase = value, mode
             if found is not None and on_selection is not None and found.tobytes() not in seen:
                 on_selection(found)
             break
         if value < best:
-            best, best_u, best_lam, stall = value, u.copy(), lam_f.copy(), 0
+            best, best_u, best_lam, best_phase, stall = value, u.copy(), lam_f.copy(), mode, 0
         else:
             stall += 1
-            if stall >= (_LP_STALL if use_lp else _STALL):
+            if stall >= (_LP_STALL if mode != "mip" else _STALL):
                 lam, stall = lam * _SHRINK, 0
         if found is None or weights is None:
             break  # no selection, no subgradient (the inner solve ran out of time before any incumbent)
         sel = found  # the next MIP start (in the LP phase: the rounded LP optimum)
         key = found.tobytes()
-        if on_selection is not None and key not in seen and (not use_lp or it - last_offer >= _OFFER_EVERY):
+        if on_selection is not None and key not in seen and (mode != "lp" or it - last_offer >= _OFFER_EVERY):
             seen.add(key)
             last_offer = it
             incumbent = max(incumbent, on_selection(found))
@@ -362,11 +389,12 @@ def subset_bound(problem: Problem, u0: np.ndarray, deadline: float, *, incumbent
         sg_l[(lam_f <= 0) & (sg_l > 0)] = 0.0  # lam cannot go below 0
         norm = float((sg_u**2).sum() + (sg_l**2).sum())
         if norm == 0.0:
-            if use_lp:
+            if mode == "lp":
                 lp_end = 0.0  # the LP relaxation is exhausted at these prices: go on with the MIP
                 continue
             break  # every dualised row holds with equality: L is the optimum of the relaxation
         step = lam * max(value - incumbent, 0.0) / norm
         u = u - step * sg_u
         lam_f = np.maximum(lam_f - step * sg_l, 0.0)
-    return SubsetBound(value=best, u=best_u, lam=best_lam, iterations=it, inner_seconds=spent)
+    return SubsetBound(value=best, u=best_u, lam=best_lam, iterations=it, inner_seconds=spent, phase=best_phase,
+                       sdp_solves=sdp_solves)
