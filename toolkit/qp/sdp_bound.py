@@ -33,7 +33,10 @@ import scipy.sparse as sp
 
 from toolkit.qp.problem import Problem
 
-MAX_FEATURES = 1024  # above this one eigendecomposition per SCS iteration (O(F^3)) costs seconds on 2 cores
+# Largest F for the lifted relaxation. One eigendecomposition per SCS iteration costs O(F^3); measured on 2 cores
+# (one cold and one warm solve): F = 512 3-4 s / 1.5-3 s, 768 14 s / 4 s, 1024 29 s / 8.5 s with 2 GB (about 9 s of
+# it SCS's setup, which its time limit does not cover), too slow for a 60 s budget.
+MAX_FEATURES = 768
 SDP_EPS = 1e-3  # SCS's tolerance for price steps: at CUB size (15 % of pairs) 4 s cold, certified 323.5
 TIGHT_EPS = 1e-4  # for the last solve at the best prices: 21 s more from there, certified 321.9 (same prices)
 _SOLVE_CAP = 20.0  # seconds one solve may take at most (SCS fixes its limit when built; see `solve`)
