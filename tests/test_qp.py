@@ -16,6 +16,7 @@ from scipy.optimize import linear_sum_assignment
 import toolkit.qp.milp as milp
 from toolkit.config import ConfigError, QPConfig
 from toolkit.qp import (
+    Problem,
     QPInfeasibleError,
     QPInputError,
     QPSolverError,
@@ -88,6 +89,13 @@ def _brute_force(A: np.ndarray, R: np.ndarray, k: int, m: int, tau: float, w: fl
         best = max(best, p.alpha * value - pen)
         best_free = max(best_free, p.alpha * gain.max(1).sum() - pen)
     return best, best_free > best + 1e-9
+
+
+def _problem_and_optimum(seed: int, tau: float, w: float) -> tuple[Problem, float]:
+    """The twins instance of `seed` as a Problem (threshold tau, weight w) and its brute-force optimum."""
+    A = _instance(seed, twins=True)
+    R = similarity_R(A)
+    return build_problem(A, R, k=K, m=M, tau=tau, w=w), _brute_force(A, R, K, M, tau, w)[0]
 
 
 def _cfg(**kw: object) -> QPConfig:
@@ -175,10 +183,7 @@ def test_distinct_assignment_covers_every_selected_feature() -> None:
 
 @pytest.mark.solver
 def test_subset_bound_is_valid_and_no_weaker_than_the_lp_bound() -> None:
-    A = _instance(4, twins=True)
-    R = similarity_R(A)
-    p = build_problem(A, R, k=K, m=M, tau=0.3, w=1.0)
-    exact, _ = _brute_force(A, R, K, M, 0.3, 1.0)
+    p, exact = _problem_and_optimum(4, tau=0.3, w=1.0)
     rng = np.random.default_rng(1)
     for _ in range(5):  # any prices give a valid bound, also after a few subgradient steps
         u = rng.normal(0.3, 0.5, C) * p.alpha
@@ -260,11 +265,8 @@ def test_sdp_inner_bound_is_valid_for_any_duals_and_stronger_than_the_lp() -> No
 def test_dense_subset_bound_stays_valid() -> None:
     """Most pairs penalised (clique cuts, LP phase, then the lifted relaxation): the bound stays above the
     brute-force optimum."""
-    A = _instance(2, twins=True)
-    R = similarity_R(A)
-    p = build_problem(A, R, k=K, m=M, tau=0.0, w=0.3)
+    p, exact = _problem_and_optimum(2, tau=0.0, w=0.3)
     assert len(p.pw) >= 0.5 * F * (F - 1) / 2
-    exact, _ = _brute_force(A, R, K, M, 0.0, 0.3)
     rng = np.random.default_rng(2)
     for _ in range(3):
         u = rng.normal(0.3, 0.5, C) * p.alpha
@@ -375,10 +377,7 @@ def test_distinct_assignment_repairs_collisions_near_the_exact_optimum() -> None
 
 
 def test_lagrangian_bound_is_valid_for_any_multipliers() -> None:
-    A = _instance(4, twins=True)
-    R = similarity_R(A)
-    p = build_problem(A, R, k=K, m=M, tau=0.3, w=1.0)
-    exact, _ = _brute_force(A, R, K, M, 0.3, 1.0)
+    p, exact = _problem_and_optimum(4, tau=0.3, w=1.0)
     rng = np.random.default_rng(0)
     for _ in range(20):
         u = rng.normal(0.3, 0.5, C) * p.alpha
