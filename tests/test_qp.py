@@ -36,7 +36,7 @@ from toolkit.qp.bound import lagrangian_value
 from toolkit.qp.certificate import verify
 from toolkit.qp.inputs import save_inputs, similarity_R
 from toolkit.qp.problem import duplicate_groups, top_m_assignment, unused_features
-from toolkit.qp.sdp_bound import InnerSDP
+from toolkit.qp.sdp_bound import InnerSDP, joint_bound
 from toolkit.qp.subset_bound import _Inner, clique_cut_rows, penalty_cliques, subset_bound
 from toolkit.qp.threshold import _largest_compatible, reference_pairs, symmetric_upper
 
@@ -71,14 +71,17 @@ def _best_covering(gain: np.ndarray, subsets: list[tuple[int, ...]], sel: tuple[
 
 
 def _brute_force(A: np.ndarray, R: np.ndarray, k: int, m: int, tau: float, w: float,
-                 link: bool = True, reference: bool = False) -> tuple[float, bool]:
-    """Exact optimum by enumerating every selection; for each, the best distinct assignment is an assignment
-    problem between classes and all m-subsets of the selection, and, when that leaves a selected feature unused
-    (and `link`), an ILP that also covers every feature. Also says whether distinctness binds."""
+                 link: bool = True, reference: bool = False, fixed: dict[int, int] | None = None) -> tuple[float, bool]:
+    """Exact optimum by enumerating every selection (only those with feature f selected iff fixed[f] = 1); for each,
+    the best distinct assignment is an assignment problem between classes and all m-subsets of the selection, and,
+    when that leaves a selected feature unused (and `link`), an ILP that also covers every feature. Also says
+    whether distinctness binds."""
     p = (reference_pairs(R, k, tau).problem(A, k=k, m=m, w=w) if reference
          else build_problem(A, R, k=k, m=m, tau=tau, w=w))
     best, best_free = -math.inf, -math.inf
     for sel in itertools.combinations(range(A.shape[0]), k):
+        if any((f in sel) != bool(v) for f, v in (fixed or {}).items()):
+            continue
         subsets = list(itertools.combinations(sel, m))
         gain = np.array([[A[list(s), c].sum() for s in subsets] for c in range(A.shape[1])])
         rows, cols = linear_sum_assignment(gain, maximize=True)
@@ -275,6 +278,33 @@ def test_dense_subset_bound_stays_valid() -> None:
         # Run to convergence (about 50 steps, well under a second here): the LP phase, then the lifted relaxation.
         sub = subset_bound(p, u, time.perf_counter() + 600.0, incumbent=exact - 1.0, target=-math.inf)
         assert sub.sdp_solves >= 1 and sub.value >= exact - 1e-7
+
+
+@pytest.mark.solver
+def test_joint_bound_is_valid_at_every_node_and_below_the_priced_bound() -> None:
+    """The lifted relaxation with the class part kept (sdp_bound.joint_bound, the floor of the subset bound's SDP
+    price steps): never below the brute-force optimum, at the root and with features fixed in or out, and never
+    above the subset bound's value at any prices (Lagrangian duality), so it measures how far price steps can go."""
+    A = _instance(2, twins=True)
+    R = similarity_R(A)
+    p = build_problem(A, R, k=K, m=M, tau=0.0, w=0.3)  # dense: every positive cosine is a penalised pair
+    for fixed in ({}, {0: 1}, {0: 0}, {3: 1, 7: 0}):
+        node = joint_bound(p, fixed=fixed)
+        exact = _brute_force(A, R, K, M, 0.0, 0.3, fixed=fixed)[0]
+        assert node.status == "solved" and node.value >= exact - 1e-7
+        assert node.s.sum() == pytest.approx(K, abs=1e-2)
+        assert all(node.s[f] == pytest.approx(v, abs=1e-3) for f, v in fixed.items())
+    root, sdp = joint_bound(p), InnerSDP(p)
+
+    def priced(u: np.ndarray, lam: np.ndarray) -> float:  # subset_bound's L(u, lam) with the SDP inner bound
+        g = np.maximum(p.alpha * p.A - u + lam[:, None], 0.0).sum(axis=1) - lam
+        return p.m * float(u.sum()) + sdp.solve(g, 30.0, eps=1e-6)[0]
+
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        assert priced(rng.normal(0.3, 0.3, C) * p.alpha, rng.uniform(0.0, 20.0, F)) >= root.value - 1e-3
+    # At the joint optimum's duals the price steps would reach the floor itself (measured: equal to 1e-3).
+    assert priced(root.u, root.lam) == pytest.approx(root.value, abs=1e-2)
 
 
 @pytest.mark.solver
