@@ -34,10 +34,11 @@ from toolkit.qp.assign import distinct_assignment
 from toolkit.qp.backends import resolve_backend
 from toolkit.qp.bound import lagrangian_value
 from toolkit.qp.certificate import verify
+from toolkit.qp.inner import InnerModel, clique_cut_rows, penalty_cliques
 from toolkit.qp.inputs import save_inputs, similarity_R
 from toolkit.qp.problem import duplicate_groups, top_m_assignment, unused_features
-from toolkit.qp.sdp_bound import InnerSDP, joint_bound
-from toolkit.qp.subset_bound import _Inner, clique_cut_rows, penalty_cliques, subset_bound
+from toolkit.qp.sdp_bound import InnerSDP
+from toolkit.qp.subset_bound import subset_bound
 from toolkit.qp.threshold import _largest_compatible, reference_pairs, symmetric_upper
 
 F, C, K, M = 10, 5, 5, 2
@@ -101,8 +102,16 @@ def _problem_and_optimum(seed: int, tau: float, w: float) -> tuple[Problem, floa
     return build_problem(A, R, k=K, m=M, tau=tau, w=w), _brute_force(A, R, K, M, tau, w)[0]
 
 
+# A time limit that never decides a test: on these instances (10 features, 5 classes) every phase of solve_qp ends on
+# its own (the heuristic after its kicks, the LP bound at its last stage, the MILP once it has proven the optimum, in
+# well under a second), so "optimal" is decided by the certificate, however slow the machine. The limit only stops a
+# broken solver from running for ever; tests that want a short run (the heuristic's) pass their own and assert only
+# what holds at any time limit (feasibility, a valid bound).
+_NEVER_BINDS = 3600.0
+
+
 def _cfg(**kw: object) -> QPConfig:
-    base = {"n_features": K, "n_per_class": M, "time_limit": 20.0, "mip_gap": 0.0, "solver": "highs",
+    base = {"n_features": K, "n_per_class": M, "time_limit": _NEVER_BINDS, "mip_gap": 0.0, "solver": "highs",
             "redundancy_rule": "clique"}  # the brute force below scores the clique rule
     return QPConfig(**{**base, **kw})
 
@@ -143,8 +152,9 @@ def test_unused_feature_link_changes_the_optimum_and_milp_matches_brute_force(se
     free, _ = _brute_force(A, R, 5, 2, tau, 1.0, link=False)
     assert free > linked + 1e-3  # the link binds on these instances
     for solver in ("highs", "heuristic"):
-        # The heuristic's LP bound ignores the link, so its gap stays open and it uses its whole (short) budget.
-        limit = 20.0 if solver == "highs" else 2.0
+        # The heuristic's LP bound ignores the link, so its gap stays open and it uses its whole (short) budget; only
+        # what holds at any budget is asserted for it. HiGHS proves the optimum long before its limit (_NEVER_BINDS).
+        limit = _NEVER_BINDS if solver == "highs" else 2.0
         sel = solve_qp(A, R, _cfg(n_features=5, n_per_class=2, redundancy_threshold=tau, solver=solver,
                                   time_limit=limit))
         used = {f for fs in sel.assignment for f in fs}
@@ -223,7 +233,7 @@ def test_clique_cuts_keep_the_inner_optimum_and_its_lp_bound_valid() -> None:
         assert (lhs >= lower - 1e-12).all()
         tight |= bool(np.isclose(lhs, lower).any())
     assert tight
-    inner = _Inner(p, cliques)
+    inner = InnerModel(p, cliques)
     assert inner.n_cuts == len(lower)
     for _ in range(4):
         g = rng.normal(1.0, 0.8, n)
@@ -250,7 +260,7 @@ def test_sdp_inner_bound_is_valid_for_any_duals_and_stronger_than_the_lp() -> No
         R = np.triu(rng.uniform(0.0, 1.0, (n, n)), 1)
         p = build_problem(A, R, k=k, m=1, tau=0.3, w=0.5)
         assert len(p.pw) >= 0.6 * n * (n - 1) / 2
-        inner, sdp = _Inner(p, penalty_cliques(p, rng.random(n))), InnerSDP(p)
+        inner, sdp = InnerModel(p, penalty_cliques(p, rng.random(n))), InnerSDP(p)
         g = rng.normal(1.0, 0.3, n)
         exact = max(float(g[s].sum()) - p.penalty(s) for s in subsets)
         ub, s = sdp.solve(g, 30.0)
@@ -278,33 +288,6 @@ def test_dense_subset_bound_stays_valid() -> None:
         # Run to convergence (about 50 steps, well under a second here): the LP phase, then the lifted relaxation.
         sub = subset_bound(p, u, time.perf_counter() + 600.0, incumbent=exact - 1.0, target=-math.inf)
         assert sub.sdp_solves >= 1 and sub.value >= exact - 1e-7
-
-
-@pytest.mark.solver
-def test_joint_bound_is_valid_at_every_node_and_below_the_priced_bound() -> None:
-    """The lifted relaxation with the class part kept (sdp_bound.joint_bound, the floor of the subset bound's SDP
-    price steps): never below the brute-force optimum, at the root and with features fixed in or out, and never
-    above the subset bound's value at any prices (Lagrangian duality), so it measures how far price steps can go."""
-    A = _instance(2, twins=True)
-    R = similarity_R(A)
-    p = build_problem(A, R, k=K, m=M, tau=0.0, w=0.3)  # dense: every positive cosine is a penalised pair
-    for fixed in ({}, {0: 1}, {0: 0}, {3: 1, 7: 0}):
-        node = joint_bound(p, fixed=fixed)
-        exact = _brute_force(A, R, K, M, 0.0, 0.3, fixed=fixed)[0]
-        assert node.status == "solved" and node.value >= exact - 1e-7
-        assert node.s.sum() == pytest.approx(K, abs=1e-2)
-        assert all(node.s[f] == pytest.approx(v, abs=1e-3) for f, v in fixed.items())
-    root, sdp = joint_bound(p), InnerSDP(p)
-
-    def priced(u: np.ndarray, lam: np.ndarray) -> float:  # subset_bound's L(u, lam) with the SDP inner bound
-        g = np.maximum(p.alpha * p.A - u + lam[:, None], 0.0).sum(axis=1) - lam
-        return p.m * float(u.sum()) + sdp.solve(g, 30.0, eps=1e-6)[0]
-
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        assert priced(rng.normal(0.3, 0.3, C) * p.alpha, rng.uniform(0.0, 20.0, F)) >= root.value - 1e-3
-    # At the joint optimum's duals the price steps would reach the floor itself (measured: equal to 1e-3).
-    assert priced(root.u, root.lam) == pytest.approx(root.value, abs=1e-2)
 
 
 @pytest.mark.solver

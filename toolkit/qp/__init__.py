@@ -18,8 +18,8 @@ reference code).
 
 Pipeline of `solve_qp`: pre-checks (`_checks`) -> tau (`threshold`) -> heuristic (`heuristic`, `assign`) ->
 LP-Lagrangian bound (`bound`) -> subset-Lagrangian bound with the penalty kept exact, whose inner selections also
-feed the local search (`subset_bound`; on dense penalty graphs its inner problem is bounded by a semidefinite
-relaxation, `sdp_bound`) -> MILP through cvxpy with lazy distinctness and pruning (`milp`,
+feed the local search (`subset_bound`, its inner problem a HiGHS model in `inner`; on dense penalty graphs also
+bounded by a semidefinite relaxation, `sdp_bound`) -> MILP through cvxpy with lazy distinctness and pruning (`milp`,
 `backends`) if a gap is left -> verification and certificate (`certificate`). CLI: `python -m toolkit.qp --help`.
 """
 

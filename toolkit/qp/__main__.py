@@ -19,11 +19,11 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from toolkit.config import ConfigError, QPConfig
+from toolkit.files import atomic_write_text
 from toolkit.qp._checks import QPInputError, QPSolverError, QPVerificationError
 from toolkit.qp.inputs import load_inputs
 from toolkit.qp.solve import solve_qp
@@ -79,17 +79,6 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -122,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(3, str(exc))
     except QPVerificationError as exc:
         return _fail(4, f"answer failed verification: {exc}")
-    _write_atomic(out, sel.to_json())
+    atomic_write_text(out, sel.to_json() + "\n")
     if not args.quiet:  # the one line on stdout: what was written and how good it is
         print(f"wrote {out}: status {sel.status}, objective {sel.objective:.6f}, bound {sel.bound:.6f}, "
               f"gap {sel.gap:.3%}, {sel.seconds:.1f}s")

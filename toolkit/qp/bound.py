@@ -9,7 +9,7 @@ y >= 0. Dualising sum_f X[f, c] = m with prices u_c, X <= s with v >= 0 and the 
 
 an upper bound on the full problem (weak duality; the best v is max(alpha A - u, 0)). Its minimum equals the LP
 bound of the F1 model (docs/method.md#qp) but needs no (F C)-row LP: on ImageNet size that LP did not finish in 5
-minutes (benchmarks/qp_results.md), while UB costs O(F C) per evaluation.
+minutes (benchmarks/qp_research/qp_results.md), while UB costs O(F C) per evaluation.
 
 We minimise a smooth majorant (softplus for max(., 0) and an entropy-smoothed top-k, both >= the exact terms)
 with L-BFGS-B at decreasing temperatures, and report the smallest *exact* UB seen. Validity never depends on

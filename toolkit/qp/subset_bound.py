@@ -19,7 +19,7 @@ optimum S of each step is also a good selection, handed back for the local searc
 
 Dense penalty graphs (at least 2 % of the pairs penalised, e.g. the clique rule at CUB size): HiGHS's root
 bound of the plain inner model stays far above the inner optimum, and each solve takes seconds. The inner model
-then gets clique inequalities of the penalty graph (`clique_cut_rows`; valid for every binary s, so the inner
+then gets clique inequalities of the penalty graph (`inner.clique_cut_rows`; valid for every binary s, so the inner
 optimum is unchanged), which cut off the fractional points where the pair rows vanish, and the price steps run
 first on the inner model's LP relaxation (a warm-started simplex; its bound is recomputed from the duals), then on
 the lifted semidefinite relaxation of the inner problem from the best prices (`sdp_bound`; far stronger than the
@@ -37,18 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
+from toolkit.qp.inner import InnerModel, penalty_cliques
 from toolkit.qp.problem import Problem
 from toolkit.qp.sdp_bound import SDP_EPS, TIGHT_EPS, InnerSDP, sdp_applies
 
-_INNER_GAP = 1e-6  # relative MIP gap of the inner problem (what it leaves open adds to the bound)
 _INNER_SECONDS = 10.0  # time limit of one inner solve (its proven bound is used even when it stops early)
 _DENSE_SHARE = 0.02  # penalised share of all pairs from which the inner model gets clique cuts
 _DENSE_INNER_SECONDS = 3.0  # inner time limit with clique cuts: the root (cuts included) gives nearly all the bound
-_CLIQUE_MAX_A = 8  # clique cuts for a = 1 .. min(|Q| - 1, this)
-_CLIQUE_MAX_ROWS = 4_000  # measured: more rows slow the inner LP (CUB q85: 5-12 s a step) more than they gain
-_CLIQUE_PASSES = 3  # greedy clique passes (`penalty_cliques`)
 _LP_SHARE = 0.6  # dense graphs: share of the subset bound's time for price steps on the inner LP relaxation
 _LP_SHARE_SDP = 0.3  # the same when the SDP phase follows (its steps matter more: CUB q85, the SDP gives 323.5 at
 # the LP phase's best prices and 319.8 after its own price steps)
@@ -76,204 +72,15 @@ class SubsetBound:
     sdp_solves: int  # inner solves of the lifted relaxation
 
 
-def penalty_cliques(problem: Problem, priority: np.ndarray, passes: int = _CLIQUE_PASSES) -> list[np.ndarray]:
-    """Cliques of the penalty graph (every two members form a penalised pair), at least 3 members each.
-
-    One greedy clique per seed feature and pass: the seed, then its penalised neighbours in decreasing priority
-    that are penalised with every member so far. Pass 0 uses `priority`; later passes multiply it by seeded random
-    factors in [0.5, 1.5], which gives overlapping cliques (measured on the CUB q95 instance: the inner LP bound at
-    fixed prices 347.40 with one pass, 346.68 with three). Duplicates are dropped.
-
-    Args:
-        problem: the instance.
-        priority: (F,) feature scores (e.g. the Lagrangian's g); higher first, as seeds and as members.
-        passes: greedy passes over all seeds.
-
-    Returns:
-        Sorted int64 member arrays.
-    """
-    n = problem.n_features
-    adj = np.zeros((n, n), dtype=bool)
-    adj[problem.pi, problem.pj] = True
-    adj[problem.pj, problem.pi] = True
-    rng = np.random.default_rng(0)
-    seen: set[bytes] = set()
-    out: list[np.ndarray] = []
-    for k in range(passes):
-        pr = priority if k == 0 else priority * rng.uniform(0.5, 1.5, n)
-        for v in np.argsort(-pr, kind="stable"):
-            nb = np.flatnonzero(adj[v])
-            members = [int(v)]
-            for c in nb[np.argsort(-pr[nb], kind="stable")]:
-                if adj[c, members].all():
-                    members.append(int(c))
-            if len(members) >= 3:
-                q = np.sort(np.asarray(members, dtype=np.int64))
-                if q.tobytes() not in seen:
-                    seen.add(q.tobytes())
-                    out.append(q)
-    return out
-
-
-def clique_cut_rows(problem: Problem, cliques: list[np.ndarray],
-                    max_rows: int = _CLIQUE_MAX_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Clique inequalities  sum_{p in Q} y_p - a sum_{f in Q} s_f >= -a (a + 1) / 2  for a = 1 .. |Q| - 1 (capped).
-
-    Valid for every binary s with y_p = s_i s_j: with t = |S cap Q| the left side is t (t - 1) / 2 - a t, and
-    t (t - 1) / 2 - a t + a (a + 1) / 2 = (t - a) (t - a - 1) / 2 >= 0 for integers t, a. They leave the binary
-    optimum unchanged (y = s_i s_j satisfies them) but cut off the fractional points at which the pair rows
-    y_p >= s_i + s_j - 1 vanish (s = 1/2 on a clique), which is what makes the plain LP of the penalty weak.
-
-    Returns:
-        (row, column, value, lower) in the inner model's column numbering (s_f = f, y_p = F + p); row r has lower
-        bound lower[r].
-    """
-    n = problem.n_features
-    key = problem.pi * n + problem.pj
-    by_key = np.argsort(key, kind="stable")  # pair ids by (i, j), whatever order the problem lists them in
-    rows, cols, vals, lower = [], [], [], []
-    r = 0
-    for q in cliques:
-        ii, jj = np.triu_indices(len(q), 1)
-        pid = by_key[np.searchsorted(key[by_key], q[ii] * n + q[jj])]
-        for a in range(1, min(len(q) - 1, _CLIQUE_MAX_A) + 1):
-            if r >= max_rows:
-                break
-            rows.append(np.full(len(q) + len(pid), r))
-            cols.append(np.concatenate([q, n + pid]))
-            vals.append(np.concatenate([np.full(len(q), -float(a)), np.ones(len(pid))]))
-            lower.append(-a * (a + 1) / 2.0)
-            r += 1
-    if not rows:
-        e = np.zeros(0)
-        return e.astype(np.int64), e.astype(np.int64), e, e
-    return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), np.asarray(lower)
-
-
-class _Inner:
-    """max g.s - sum_p pw_p y_p  s.t.  sum s = k,  s_i + s_j - y_p <= 1,  s binary,  y in [0, 1]  (HiGHS model),
-    plus clique cuts (`clique_cut_rows`) when given.
-
-    Built once; each solve only changes the costs of s and passes the previous selection as a MIP start.
-    """
-
-    def __init__(self, problem: Problem, cliques: list[np.ndarray] | None = None) -> None:
-        import highspy
-
-        self.hs = highspy
-        n, n_p = problem.n_features, len(problem.pw)
-        self.n, self.k = n, problem.k
-        self.pi, self.pj = problem.pi, problem.pj
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
-        h.setOptionValue("mip_rel_gap", _INNER_GAP)
-        h.setOptionValue("random_seed", 0)
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = n + n_p, 1 + n_p
-        lp.col_cost_ = np.concatenate([np.zeros(n), -problem.pw])
-        lp.col_lower_ = np.zeros(n + n_p)
-        lp.col_upper_ = np.ones(n + n_p)
-        lp.row_lower_ = np.concatenate([[float(problem.k)], np.full(n_p, -highspy.kHighsInf)])
-        lp.row_upper_ = np.concatenate([[float(problem.k)], np.ones(n_p)])
-        # Column-wise matrix: s_f is in the cardinality row 0 and in the pair rows containing f; y_p only in row p+1.
-        pairs = np.arange(n_p)
-        rows = np.concatenate([np.zeros(n, dtype=np.int64), 1 + pairs, 1 + pairs, 1 + pairs])
-        cols = np.concatenate([np.arange(n), problem.pi, problem.pj, n + pairs])
-        vals = np.concatenate([np.ones(n), np.ones(n_p), np.ones(n_p), -np.ones(n_p)])
-        order = np.lexsort((rows, cols))
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.start_ = np.searchsorted(cols[order], np.arange(n + n_p + 1)).astype(np.int32)
-        lp.a_matrix_.index_ = rows[order].astype(np.int32)
-        lp.a_matrix_.value_ = vals[order]
-        lp.sense_ = highspy.ObjSense.kMaximize
-        lp.integrality_ = [highspy.HighsVarType.kInteger] * n + [highspy.HighsVarType.kContinuous] * n_p
-        h.passModel(lp)
-        self.n_cuts = 0
-        mat_r, mat_c, mat_v = rows, cols, vals
-        row_lo, row_hi = np.asarray(lp.row_lower_, dtype=np.float64), np.asarray(lp.row_upper_, dtype=np.float64)
-        if cliques:
-            cr, cc, cv, lo = clique_cut_rows(problem, cliques)
-            if len(lo):
-                order = np.lexsort((cc, cr))
-                cr, cc, cv = cr[order], cc[order], cv[order]
-                starts = np.searchsorted(cr, np.arange(len(lo))).astype(np.int32)
-                h.addRows(len(lo), lo, np.full(len(lo), highspy.kHighsInf), len(cc), starts,
-                          cc.astype(np.int32), cv)
-                self.n_cuts = len(lo)
-                mat_r = np.concatenate([rows, 1 + n_p + cr])
-                mat_c, mat_v = np.concatenate([cols, cc]), np.concatenate([vals, cv])
-                row_lo = np.concatenate([row_lo, lo])
-                row_hi = np.concatenate([row_hi, np.full(len(lo), np.inf)])
-        # The same rows in scipy form, for a bound recomputed from the LP's duals (`lp_solve`).
-        self.mat = sp.csr_matrix((mat_v, (mat_r, mat_c)), shape=(len(row_lo), n + n_p))
-        self.row_lo, self.row_hi = row_lo, row_hi
-        self.cost_y = -problem.pw
-        self.h = h
-        self.cols = np.arange(n, dtype=np.int32)
-        self.relaxed = False
-
-    def _set_integrality(self, relaxed: bool) -> None:
-        if relaxed != self.relaxed:
-            kind = self.hs.HighsVarType.kContinuous if relaxed else self.hs.HighsVarType.kInteger
-            self.h.changeColsIntegrality(self.n, self.cols, np.array([kind] * self.n))
-            self.relaxed = relaxed
-
-    def lp_solve(self, g: np.ndarray, time_limit: float) -> tuple[float, np.ndarray | None]:
-        """(valid upper bound of the inner maximum or inf, optimal fractional s (F,) or None): the LP relaxation.
-
-        The simplex warm-starts from the previous basis (only the costs of s change between calls). The bound is
-        recomputed from the row duals y, so it does not rest on the solver's tolerances: for any y,
-        c.x = y.(A x) + (c - A^T y).x <= sum_r (y_r hi_r if y_r > 0 else y_r lo_r) + sum_j max(c - A^T y, 0)_j
-        over 0 <= x <= 1; the smaller of the values for y and -y is used (either sign convention).
-        """
-        h = self.h
-        self._set_integrality(True)
-        c = np.concatenate([np.asarray(g, dtype=np.float64), self.cost_y])
-        h.changeColsCost(self.n, self.cols, c[: self.n])
-        # The LP's time limit counts the object's run time over all calls (measured with HiGHS 1.16; the MIP's
-        # counts from its own start).
-        h.setOptionValue("time_limit", h.getRunTime() + max(float(time_limit), 0.05))
-        h.run()
-        if h.getModelStatus() != self.hs.HighsModelStatus.kOptimal:
-            return float("inf"), None
-        sol = h.getSolution()
-        y0 = np.asarray(sol.row_dual, dtype=np.float64)
-        best = float("inf")
-        for y in (y0, -y0):
-            y = np.where((y > 0) & ~np.isfinite(self.row_hi), 0.0, y)
-            y = np.where((y < 0) & ~np.isfinite(self.row_lo), 0.0, y)
-            rhs = np.where(y > 0, y * np.where(np.isfinite(self.row_hi), self.row_hi, 0.0),
-                           y * np.where(np.isfinite(self.row_lo), self.row_lo, 0.0)).sum()
-            best = min(best, float(rhs + np.maximum(c - self.mat.T @ y, 0.0).sum()))
-        return best, np.clip(np.asarray(sol.col_value[: self.n]), 0.0, 1.0)
-
-    def solve(self, g: np.ndarray, start: np.ndarray | None, time_limit: float) -> tuple[float, np.ndarray | None]:
-        """(proven upper bound of the inner maximum or inf, best selection found or None) for scores g (F,)."""
-        h = self.h
-        self._set_integrality(False)
-        h.changeColsCost(self.n, self.cols, np.asarray(g, dtype=np.float64))
-        h.setOptionValue("time_limit", max(float(time_limit), 0.05))
-        if start is not None:
-            s = np.zeros(self.n)
-            s[start] = 1.0
-            sol = self.hs.HighsSolution()
-            sol.col_value = np.concatenate([s, s[self.pi] * s[self.pj]])
-            sol.value_valid = True
-            h.setSolution(sol)
-        h.run()
-        info = h.getInfo()
-        ub = float(info.mip_dual_bound)
-        if not np.isfinite(ub) or info.primal_solution_status != 2:  # 2 = kSolutionStatusFeasible
-            return (ub if np.isfinite(ub) else float("inf")), None
-        x = np.asarray(h.getSolution().col_value[: self.n])
-        sel = np.sort(np.argsort(-x)[: self.k]).astype(np.int64)
-        return ub, sel
-
-
 def subset_bound(problem: Problem, u0: np.ndarray, deadline: float, *, incumbent: float, target: float,
                  start: np.ndarray | None = None, max_iterations: int = 10**9,
                  on_selection: Callable[[np.ndarray], float] | None = None) -> SubsetBound:
     """Minimise L(u) by Polyak subgradient steps until `deadline`, convergence, or L <= `target`.
+
+    Phases (methods of `_PriceSteps`, each a run of price steps on one relaxation of the inner problem): sparse
+    penalty graphs take `mip_phase` only (HiGHS's branch and bound). Dense ones (at least _DENSE_SHARE of the pairs
+    penalised) take `lp_phase` (clique cuts, a warm simplex), then from its best prices `sdp_phase` (where F fits)
+    or `mip_phase`, then `final_solve` at the best prices.
 
     Args:
         problem: the instance.
@@ -289,112 +96,206 @@ def subset_bound(problem: Problem, u0: np.ndarray, deadline: float, *, incumbent
     Returns:
         The smallest L(u, lam) proven, with its prices.
     """
-    p = problem
-    aa = p.alpha * p.A
-    u = np.asarray(u0, dtype=np.float64).copy()
-    lam_f = np.zeros(p.n_features)
-    n_all = p.n_features * (p.n_features - 1) // 2
-    dense = len(p.pw) >= _DENSE_SHARE * max(n_all, 1)
-    # Dense penalty graphs: HiGHS's root bound of the plain inner model stays far above its optimum (measured at
-    # fixed prices on the CUB q95 instance: 349.8 after 10 s, 348.0 after 180 s, incumbent 345.8); with clique cuts
-    # the inner LP alone gives 347.4 in 0.1 s (346.7 with three clique passes), so many more price steps fit.
-    cliques = penalty_cliques(p, np.maximum(aa - u, 0.0).sum(1)) if dense else None
-    inner = _Inner(p, cliques)
-    # Dense graphs where it fits: after the LP phase, the price steps run on the lifted (semidefinite) relaxation
-    # of the inner problem, far stronger there than the LP or HiGHS's branch and bound (sdp_bound).
-    sdp = InnerSDP(p) if dense and sdp_applies(p) else None
-    inner_limit = _DENSE_INNER_SECONDS if dense else _INNER_SECONDS
-    best, best_u, best_lam, best_phase, sdp_solves = float("inf"), u.copy(), lam_f.copy(), "mip", 0
-    lam, stall, it, spent, last_offer = (_LP_STEP if dense else 1.0), 0, 0, 0.0, -_OFFER_EVERY
-    seen: set[bytes] = set()
-    sel = None if start is None else np.sort(np.asarray(start, dtype=np.int64))
-    # Dense graphs start with the LP relaxation of the inner model (cuts included): a warm-started simplex that
-    # takes 0.1-2 s where the MIP's root takes 2-10 s, so the prices converge; then the SDP (or, where it does not
-    # fit, the MIP) from the best prices.
-    mode = "lp" if dense else "mip"
-    lp_end = time.perf_counter() + (_LP_SHARE_SDP if sdp else _LP_SHARE) * max(deadline - time.perf_counter(), 0.0)
-    final, sdp_end = False, math.inf
-    while it < max_iterations and time.perf_counter() < deadline and best > target:
-        now = time.perf_counter()
-        if lam <= _MIN_STEP or (mode == "lp" and now >= lp_end) or (mode == "sdp" and now >= sdp_end):
-            if mode == "sdp":
-                # The steps have converged (or their time is up): one solve at a tighter tolerance at the best
-                # prices, warm-started, with the time left (CUB q85: 1.6 units lower there, 323.5 -> 321.9).
-                final, u, lam_f, sdp_end = True, best_u.copy(), best_lam.copy(), math.inf
-            elif mode == "mip":
-                if final or not dense:
-                    break  # converged as far as the step size allows
-                # Dense: the steps have converged; the time left goes to one MIP solve at the best prices, whose
-                # branch and bound can only lower the bound there.
-                final, u, lam_f, inner_limit = True, best_u.copy(), best_lam.copy(), deadline - time.perf_counter()
-            else:
-                mode = "sdp" if sdp is not None else "mip"
-                u, lam_f, lam, stall = best_u.copy(), best_lam.copy(), _MIP_STEP, 0
-                sdp_end = deadline - _SDP_TIGHT_SHARE * max(deadline - now, 0.0) if sdp is not None else math.inf
-        over = aa - u + lam_f[:, None]  # (F, C)
-        g = np.maximum(over, 0.0).sum(1) - lam_f
-        t = time.perf_counter()
-        if mode == "lp":
-            ub, weights = inner.lp_solve(g, deadline - t)
-        elif mode == "sdp":
-            assert sdp is not None
-            ub, weights = sdp.solve(g, deadline - t, eps=TIGHT_EPS if final else SDP_EPS)
-            sdp_solves += 1
-        if mode != "mip":  # a fractional s: its k largest entries are the selection handed on
-            found = None if weights is None else np.sort(np.argsort(-weights)[: p.k]).astype(np.int64)
-        else:
-            ub, found = inner.solve(g, sel, min(inner_limit, deadline - t))
+    steps = _PriceSteps(problem, u0, deadline, incumbent=incumbent, target=target, start=start,
+                        max_iterations=max_iterations, on_selection=on_selection)
+    if not steps.dense:
+        steps.mip_phase()
+    elif (lp_ended := steps.lp_phase()) is not None:
+        steps.restart_from_best()
+        if steps.sdp is not None:
+            if steps.sdp_phase(lp_ended):
+                steps.final_solve("sdp")
+        elif steps.mip_phase(resumed=True):
+            steps.final_solve("mip")
+    return steps.result()
+
+
+class _PriceSteps:
+    """The Polyak subgradient steps of `subset_bound` on (u, lam), one inner relaxation ("mode") per phase:
+    "mip" (`InnerModel.solve`), "lp" (`InnerModel.lp_solve`) or "sdp" (`InnerSDP.solve`). Keeps the current prices, the
+    best bound with its prices, and the step size."""
+
+    def __init__(self, problem: Problem, u0: np.ndarray, deadline: float, *, incumbent: float, target: float,
+                 start: np.ndarray | None, max_iterations: int,
+                 on_selection: Callable[[np.ndarray], float] | None) -> None:
+        p = self.p = problem
+        self.deadline, self.target, self.max_iterations = deadline, target, max_iterations
+        self.incumbent, self.on_selection = incumbent, on_selection
+        self.aa = p.alpha * p.A
+        self.u = np.asarray(u0, dtype=np.float64).copy()
+        self.lam_f = np.zeros(p.n_features)
+        n_all = p.n_features * (p.n_features - 1) // 2
+        self.dense = len(p.pw) >= _DENSE_SHARE * max(n_all, 1)
+        # Dense penalty graphs: HiGHS's root bound of the plain inner model stays far above its optimum (measured at
+        # fixed prices on the CUB q95 instance: 349.8 after 10 s, 348.0 after 180 s, incumbent 345.8); with clique
+        # cuts the inner LP alone gives 347.4 in 0.1 s (346.7 with three clique passes), so many more steps fit.
+        cliques = penalty_cliques(p, np.maximum(self.aa - self.u, 0.0).sum(1)) if self.dense else None
+        self.inner = InnerModel(p, cliques)
+        # Dense graphs where it fits: after the LP phase, the price steps run on the lifted (semidefinite)
+        # relaxation of the inner problem, far stronger there than the LP or HiGHS's branch and bound (sdp_bound).
+        self.sdp = InnerSDP(p) if self.dense and sdp_applies(p) else None
+        self.inner_limit = _DENSE_INNER_SECONDS if self.dense else _INNER_SECONDS
+        self.best, self.best_u, self.best_lam, self.best_phase = math.inf, self.u.copy(), self.lam_f.copy(), "mip"
+        self.sdp_solves, self.it, self.spent, self.last_offer = 0, 0, 0.0, -_OFFER_EVERY
+        self.lam, self.stall = (_LP_STEP if self.dense else 1.0), 0  # Polyak factor, steps without a better bound
+        self.seen: set[bytes] = set()
+        self.sel = None if start is None else np.sort(np.asarray(start, dtype=np.int64))  # the next MIP start
+
+    def going(self) -> bool:
+        """Whether another inner solve may start: iterations and time left, and the bound still above target."""
+        return self.it < self.max_iterations and time.perf_counter() < self.deadline and self.best > self.target
+
+    def run(self, mode: str, end: float, *, resumed: bool = False) -> float | None:
+        """Price steps in `mode` until the phase ends: the step size has converged or `end` (a perf_counter value)
+        has passed. `resumed`: the previous phase ended within this same round of checks, so the first step runs
+        without checking again.
+
+        Returns:
+            The time at which the phase ended, or None when the whole bound stops (out of iterations or time, at
+            target, no selection, or the relaxation's optimum reached).
+        """
+        while resumed or self.going():
+            now = time.perf_counter()
+            if not resumed and (self.lam <= _MIN_STEP or now >= end):
+                return now
+            resumed = False
+            outcome = self.step(mode)
+            if outcome == "stop":
+                return None
+            if outcome == "exhausted":
+                end = 0.0  # the LP relaxation is exhausted at these prices: the next phase takes over
+        return None
+
+    def mip_phase(self, *, resumed: bool = False) -> bool:
+        """Price steps with HiGHS's branch and bound on the inner model until the step size has converged: all of
+        the bound on sparse graphs; on dense ones where the SDP does not fit, after the LP phase (`resumed`).
+        Returns whether it converged with time left (then a final solve may follow)."""
+        return self.run("mip", math.inf, resumed=resumed) is not None
+
+    def lp_phase(self) -> float | None:
+        """Dense graphs, first: price steps on the inner model's LP relaxation (clique cuts included), a
+        warm-started simplex that takes 0.1-2 s where the MIP's root takes 2-10 s, so the prices converge, for
+        _LP_SHARE of the time left (_LP_SHARE_SDP when the SDP phase follows). Returns when it ended, or None when
+        the whole bound stops there."""
+        share = _LP_SHARE_SDP if self.sdp is not None else _LP_SHARE
+        return self.run("lp", time.perf_counter() + share * max(self.deadline - time.perf_counter(), 0.0))
+
+    def sdp_phase(self, since: float) -> bool:
+        """Dense graphs where F fits, after the LP phase (which ended at `since`): price steps on the lifted
+        semidefinite relaxation of the inner problem, leaving _SDP_TIGHT_SHARE of the time for the final solve.
+        Returns whether it ended with time left for that solve."""
+        end = self.deadline - _SDP_TIGHT_SHARE * max(self.deadline - since, 0.0)
+        return self.run("sdp", end, resumed=True) is not None
+
+    def restart_from_best(self) -> None:
+        """Start the next phase from the best prices so far, with the Polyak factor _MIP_STEP."""
+        self.u, self.lam_f, self.lam, self.stall = self.best_u.copy(), self.best_lam.copy(), _MIP_STEP, 0
+
+    def final_solve(self, mode: str) -> None:
+        """Dense graphs, last: one inner solve at the best prices, as the steps have converged (or their time is
+        up). The SDP at the tighter tolerance, warm-started (CUB q85: 1.6 units lower there, 323.5 -> 321.9), or the
+        MIP with all the time left, whose branch and bound can only lower the bound there."""
+        self.u, self.lam_f = self.best_u.copy(), self.best_lam.copy()
+        if mode == "mip":
+            self.inner_limit = self.deadline - time.perf_counter()
+        self.step(mode, final=True)
+
+    def inner_solve(self, mode: str, g: np.ndarray, final: bool) -> tuple[float, np.ndarray | None,
+                                                                          np.ndarray | None]:
+        """Upper bound of the inner maximum at scores g (F,) by the mode's relaxation: (bound, selection (k,) or
+        None, its weights (F,) in [0, 1] or None: fractional s for "lp" and "sdp", the 0/1 selection for "mip")."""
+        p, t = self.p, time.perf_counter()
+        if mode == "mip":
+            ub, found = self.inner.solve(g, self.sel, min(self.inner_limit, self.deadline - t))
             weights = None
             if found is not None:
                 weights = np.zeros(p.n_features)
                 weights[found] = 1.0
-            if dense and (found is None or ub >= np.sort(g)[-p.k:].sum() - 1e-9):
-                # Stopped before its root LP (or any incumbent): no information. Give the next solve more time at
-                # the same prices, with this selection (if any) as its start.
-                inner_limit *= 2.0
-                sel = sel if found is None else found
-                spent += time.perf_counter() - t
-                continue
-        spent += time.perf_counter() - t
-        it += 1
-        value = p.m * float(u.sum()) + ub + _SAFETY * (abs(ub) + 1.0)
-        if final:
-            if value < best:
-                best, best_phase = value, mode
-            if found is not None and on_selection is not None and found.tobytes() not in seen:
-                on_selection(found)
-            break
-        if value < best:
-            best, best_u, best_lam, best_phase, stall = value, u.copy(), lam_f.copy(), mode, 0
+            return ub, found, weights
+        if mode == "lp":
+            ub, weights = self.inner.lp_solve(g, self.deadline - t)
         else:
-            stall += 1
-            if stall >= (_LP_STALL if mode != "mip" else _STALL):
-                lam, stall = lam * _SHRINK, 0
+            assert self.sdp is not None
+            ub, weights = self.sdp.solve(g, self.deadline - t, eps=TIGHT_EPS if final else SDP_EPS)
+            self.sdp_solves += 1
+        # A fractional s: its k largest entries are the selection handed on.
+        found = None if weights is None else np.sort(np.argsort(-weights)[: p.k]).astype(np.int64)
+        return ub, found, weights
+
+    def step(self, mode: str, *, final: bool = False) -> str:
+        """One inner solve at the current prices and the Polyak step from it.
+
+        Returns:
+            "next" (stepped), "retry" (a dense MIP solve stopped before any information: the next gets twice the
+            time at the same prices), "exhausted" (LP phase: every dualised row holds at these prices) or "stop"
+            (the final solve, no selection to step from, or a zero subgradient).
+        """
+        p = self.p
+        over = self.aa - self.u + self.lam_f[:, None]  # (F, C)
+        g = np.maximum(over, 0.0).sum(1) - self.lam_f
+        t = time.perf_counter()
+        ub, found, weights = self.inner_solve(mode, g, final)
+        if mode == "mip" and self.dense and (found is None or ub >= np.sort(g)[-p.k:].sum() - 1e-9):
+            # Stopped before its root LP (or any incumbent): no information. Give the next solve more time at the
+            # same prices, with this selection (if any) as its start.
+            self.inner_limit *= 2.0
+            self.sel = self.sel if found is None else found
+            self.spent += time.perf_counter() - t
+            return "retry"
+        self.spent += time.perf_counter() - t
+        self.it += 1
+        value = p.m * float(self.u.sum()) + ub + _SAFETY * (abs(ub) + 1.0)
+        if final:
+            if value < self.best:
+                self.best, self.best_phase = value, mode
+            if found is not None and self.on_selection is not None and found.tobytes() not in self.seen:
+                self.on_selection(found)
+            return "stop"
+        if value < self.best:
+            self.best, self.best_u, self.best_lam, self.best_phase = value, self.u.copy(), self.lam_f.copy(), mode
+            self.stall = 0
+        else:
+            self.stall += 1
+            if self.stall >= (_LP_STALL if mode != "mip" else _STALL):
+                self.lam, self.stall = self.lam * _SHRINK, 0
         if found is None or weights is None:
-            break  # no selection, no subgradient (the inner solve ran out of time before any incumbent)
-        sel = found  # the next MIP start (in the LP phase: the rounded LP optimum)
+            return "stop"  # no selection, no subgradient (the inner solve ran out of time before any incumbent)
+        self.sel = found  # the next MIP start (in the LP phase: the rounded LP optimum)
+        self.offer(found, mode)
+        return self.move(over, weights, value, mode)
+
+    def offer(self, found: np.ndarray, mode: str) -> None:
+        """Hand a new inner selection to `on_selection` (in the LP phase at most every _OFFER_EVERY steps)."""
         key = found.tobytes()
-        if on_selection is not None and key not in seen and (mode != "lp" or it - last_offer >= _OFFER_EVERY):
-            seen.add(key)
-            last_offer = it
-            incumbent = max(incumbent, on_selection(found))
-        # Subgradients of L at the inner optimum s (fractional in the LP phase): for u_c, m minus the s-weighted
-        # count of features that beat the class's price; for lam_f, s_f times (how many classes would take f
-        # minus 1), projected onto lam >= 0.
+        if (self.on_selection is not None and key not in self.seen
+                and (mode != "lp" or self.it - self.last_offer >= _OFFER_EVERY)):
+            self.seen.add(key)
+            self.last_offer = self.it
+            self.incumbent = max(self.incumbent, self.on_selection(found))
+
+    def move(self, over: np.ndarray, weights: np.ndarray, value: float, mode: str) -> str:
+        """The Polyak step on (u, lam) from the inner optimum s = `weights` (F,) (fractional in the LP and SDP
+        phases), `over` (F, C) being alpha A - u + lam at the current prices."""
+        p = self.p
+        # Subgradients of L at s: for u_c, m minus the s-weighted count of features that beat the class's price;
+        # for lam_f, s_f times (how many classes would take f minus 1), projected onto lam >= 0.
         act = np.flatnonzero(weights > 1e-9)
         hit = (over[act] > 0) * weights[act, None]  # (|act|, C)
         sg_u = p.m - hit.sum(0)
         sg_l = np.zeros(p.n_features)
         sg_l[act] = hit.sum(1) - weights[act]
-        sg_l[(lam_f <= 0) & (sg_l > 0)] = 0.0  # lam cannot go below 0
+        sg_l[(self.lam_f <= 0) & (sg_l > 0)] = 0.0  # lam cannot go below 0
         norm = float((sg_u**2).sum() + (sg_l**2).sum())
         if norm == 0.0:
-            if mode == "lp":
-                lp_end = 0.0  # the LP relaxation is exhausted at these prices: go on with the SDP (or the MIP)
-                continue
-            break  # every dualised row holds with equality: L is the optimum of the relaxation
-        step = lam * max(value - incumbent, 0.0) / norm
-        u = u - step * sg_u
-        lam_f = np.maximum(lam_f - step * sg_l, 0.0)
-    return SubsetBound(value=best, u=best_u, lam=best_lam, iterations=it, inner_seconds=spent, phase=best_phase,
-                       sdp_solves=sdp_solves)
+            # Every dualised row holds with equality: L is the optimum of this relaxation (in the LP phase, the
+            # SDP or the MIP goes on from here).
+            return "exhausted" if mode == "lp" else "stop"
+        step = self.lam * max(value - self.incumbent, 0.0) / norm
+        self.u = self.u - step * sg_u
+        self.lam_f = np.maximum(self.lam_f - step * sg_l, 0.0)
+        return "next"
+
+    def result(self) -> SubsetBound:
+        """The best bound found and the prices that give it."""
+        return SubsetBound(value=self.best, u=self.best_u, lam=self.best_lam, iterations=self.it,
+                           inner_seconds=self.spent, phase=self.best_phase, sdp_solves=self.sdp_solves)

@@ -1,13 +1,14 @@
 """How far the QP's certificates can go on dense penalty graphs: `solve_qp`'s answer and bound beside the floor of
 its subset bound, and what one level of branching on s gains.
 
-The floor is `toolkit.qp.sdp_bound.joint_bound`: the lifted relaxation with the class part kept instead of priced.
-At any class prices the subset bound's SDP phase is at least this value, so no amount of price steps goes below it;
-a lower certificate needs a stronger relaxation or branching. Branching here fixes the relaxation's most fractional
-feature out and in and solves both children: the larger child is the best bound that level can prove.
+The floor is `joint_bound` (joint_bound.py beside this script): the lifted relaxation with the class part kept
+instead of priced. At any class prices the subset bound's SDP phase is at least this value, so no amount of price
+steps goes below it; a lower certificate needs a stronger relaxation or branching. Branching here fixes the
+relaxation's most fractional feature out and in and solves both children: the larger child is the best bound that
+level can prove.
 
-    python benchmarks/qp_floor.py                         # CUB size, rules q95 clique q85: about 30 minutes
-    python benchmarks/qp_floor.py --rules q95 --no-branch # the root floor only
+    python benchmarks/qp_research/qp_floor.py                          # CUB size, q95 clique q85: about 30 minutes
+    python benchmarks/qp_research/qp_floor.py --rules q95 --no-branch  # the root floor only
 
 Each relaxation solve takes 1.5-3 minutes at CUB size on 2 cores (SCS, tolerance 1e-4; the value is certified from
 the duals, so a looser solve only gives a higher floor).
@@ -17,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
-from qp import instance, run  # benchmarks/qp.py: the same instances and solve_qp call
 
 from toolkit.qp.problem import build_problem
-from toolkit.qp.sdp_bound import TIGHT_EPS, joint_bound
+from toolkit.qp.sdp_bound import TIGHT_EPS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/qp.py: the same instances and solve_qp call
+from joint_bound import joint_bound  # noqa: E402 (this folder, on the path as the script's own)
+from qp import instance, run  # noqa: E402
 
 
 def main() -> None:
