@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 from rich.console import Console
 
 import tune.runner as runner
@@ -306,7 +307,6 @@ def test_export_best_reports_a_missing_exporter_and_runs_a_present_one(tmp_path:
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory: pytest.TempPathFactory):
     """One local Ray instance (2 CPUs, no dashboard) for the sweeps of this module."""
-    ray = pytest.importorskip("ray")
     tmp = tmp_path_factory.mktemp("ray")
     runner._init_ray(SweepOptions(config=TINY, space=tmp, num_samples=1, output=tmp, num_cpus=2))
     yield
