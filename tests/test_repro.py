@@ -348,7 +348,7 @@ def test_solve_qp_and_cli_use_the_chosen_rule(tmp_path: Path) -> None:
     assert main(["--inputs", str(tmp_path / "x.npz"), "--n-features", "3", "--n-per-class", "1", "--solver",
                  "heuristic", "--redundancy-rule", "reference", "--out", str(tmp_path / "y.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "y.json").read_text())["tau"] == 0.5
-    assert QPConfig().redundancy_rule == "reference"  # the default reproduces the paper (README)
+    assert QPConfig().redundancy_rule == "reference"  # the default reproduces the paper (docs/reproducing.md)
 
 
 # --------------------------------------------------------------------------------------------- loss ties
