@@ -1,5 +1,5 @@
 """The docs stay true to the code: every path, config key, make target, console script and command-line flag that
-README.md and docs/*.md mention exists.
+README.md, BENCHMARKS.md and docs/*.md mention exists.
 
 What is checked, in inline code, fenced code blocks and link targets:
 - inline code stays on one line (a span split over two lines could not be checked);
@@ -25,6 +25,7 @@ import importlib.util
 import inspect
 import re
 import shlex
+import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -37,7 +38,7 @@ import pytest
 from toolkit.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 # First path parts that name no folder of the repository: what runs write and what users bring.
 NOT_IN_REPO = {
     "runs": "run directories (runtime.output_dir)",
@@ -147,7 +148,8 @@ def options_of(program: str) -> frozenset[str]:
         else:
             spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
-            parser = _intercept(lambda: (spec.loader.exec_module(module), _call_main(module)))
+            with mock.patch.object(sys, "path", [str(path.parent), *sys.path]):  # as `python path/x.py` runs it
+                parser = _intercept(lambda: (spec.loader.exec_module(module), _call_main(module)))
     return frozenset(s for action in parser._actions for s in action.option_strings)
 
 
@@ -210,7 +212,7 @@ def problems(page: Path, text: str) -> list[str]:
             out.append(f"{rel}: link to {target}: {shown} has no heading #{anchor}")
     for code in spans + blocks:
         for word in words(code):
-            word = word.split("#", 1)[0].rstrip(".:")
+            word = word.split("::", 1)[0].split("#", 1)[0].rstrip(".:")  # tests/x.py::test_y, docs/x.md#anchor
             if "/" not in word or "://" in word or word.startswith(("/", "$", "~", ".venv")) or "=" in word:
                 continue
             head = word.split("/", 1)[0]
