@@ -1,6 +1,6 @@
 """The GPU check: everything a GPU node must show, as one table (BENCHMARKS.md records it).
 
-    python benchmarks/gpu_check.py                 # one H100/H200: about 8 minutes (install excluded)
+    python benchmarks/gpu_check.py                 # one H100/H200: sized for 8 minutes (install excluded)
     python benchmarks/gpu_check.py --cpu-smoke     # the same steps at tiny size on CPU (tests/test_gpu_check.py)
 
 Sections, each measured side by side in this one run; every figure goes into the one table printed at the end:
