@@ -193,13 +193,8 @@ def commands(code: str) -> Iterator[tuple[str | None, list[str], bool]]:
         yield program, flags, external
 
 
-def problems(page: Path, text: str) -> list[str]:
-    """Everything on a page that names a path, key, target, script or flag that does not exist."""
-    rel = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
-    spans, blocks = code_of(text)
-    out = [f"{rel}:{n}: inline code split over two lines (keep each `span` on one line, so it can be checked)"
-           for n, line in enumerate(text.splitlines(), 1)
-           if line.count("`") % 2 and not line.lstrip().startswith("```")]
+def link_problems(page: Path, rel: Path, text: str) -> list[str]:
+    out = []
     for target in links_of(text):
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
@@ -210,41 +205,61 @@ def problems(page: Path, text: str) -> list[str]:
             out.append(f"{rel}: link to {target}: no such file")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             out.append(f"{rel}: link to {target}: {shown} has no heading #{anchor}")
-    for code in spans + blocks:
-        for word in words(code):
-            word = word.split("::", 1)[0].split("#", 1)[0].rstrip(".:")  # tests/x.py::test_y, docs/x.md#anchor
-            if "/" not in word or "://" in word or word.startswith(("/", "$", "~", ".venv")) or "=" in word:
-                continue
-            head = word.split("/", 1)[0]
-            if head in NOT_IN_REPO or word in PENDING:
-                continue
-            if (ROOT / head).exists() or word.endswith(".py"):
-                pattern = re.sub(r"<[^>]*>", "*", word)
-                if not list(ROOT.glob(pattern)) and not (ROOT / pattern).exists():
-                    out.append(f"{rel}: path {word} does not exist")
-        for section, key in KEY.findall(code):
-            if key in FILE_SUFFIXES or (ROOT / section / f"{key}.py").exists() or (ROOT / section / key).is_dir():
-                continue  # a file name or a module (export._quant), not a key
-            if not fnmatch.filter(SECTIONS[section], key):
-                out.append(f"{rel}: config key {section}.{key} is not a field of RunConfig.{section}")
-        for target in re.findall(r"(?:^|\s)make\s+([a-z][\w-]*)", code):
-            if target not in make_targets():
-                out.append(f"{rel}: make target {target} is not in the Makefile")
-        for script in re.findall(r"(?<![\w/.])(dinoqpm-[a-z][\w-]*)", code):
-            if script not in console_scripts() and script != "dinoqpm-toolkit":
-                out.append(f"{rel}: console script {script} is not in pyproject.toml")
-    named = {p for code in spans + blocks for p, _, _ in commands(code) if p}
-    for code in spans + blocks:
+    return out
+
+
+def code_problems(rel: Path, code: str) -> list[str]:
+    """Paths, config keys, make targets and console scripts of one span or code line."""
+    out = []
+    for word in words(code):
+        word = word.split("::", 1)[0].split("#", 1)[0].rstrip(".:")  # tests/x.py::test_y, docs/x.md#anchor
+        if "/" not in word or "://" in word or word.startswith(("/", "$", "~", ".venv")) or "=" in word:
+            continue
+        head = word.split("/", 1)[0]
+        if head in NOT_IN_REPO or word in PENDING:
+            continue
+        if (ROOT / head).exists() or word.endswith(".py"):
+            pattern = re.sub(r"<[^>]*>", "*", word)
+            if not list(ROOT.glob(pattern)) and not (ROOT / pattern).exists():
+                out.append(f"{rel}: path {word} does not exist")
+    for section, key in KEY.findall(code):
+        if key in FILE_SUFFIXES or (ROOT / section / f"{key}.py").exists() or (ROOT / section / key).is_dir():
+            continue  # a file name or a module (export._quant), not a key
+        if not fnmatch.filter(SECTIONS[section], key):
+            out.append(f"{rel}: config key {section}.{key} is not a field of RunConfig.{section}")
+    for target in re.findall(r"(?:^|\s)make\s+([a-z][\w-]*)", code):
+        if target not in make_targets():
+            out.append(f"{rel}: make target {target} is not in the Makefile")
+    for script in re.findall(r"(?<![\w/.])(dinoqpm-[a-z][\w-]*)", code):
+        if script not in console_scripts() and script != "dinoqpm-toolkit":
+            out.append(f"{rel}: console script {script} is not in pyproject.toml")
+    return out
+
+
+def flag_problems(rel: Path, codes: list[str]) -> list[str]:
+    """Flags after a command must be its options; flags shown alone, options of a command the page names."""
+    named = {p for code in codes for p, _, _ in commands(code) if p}
+    out = []
+    for code in codes:
         for program, flags, external in commands(code):
             if external or not flags:
                 continue
             known = options_of(program) if program else frozenset().union(*(options_of(p) for p in named))
-            for flag in flags:
-                if flag not in known:
-                    where = program.split(":", 1)[1] if program else "any command on this page (" + ", ".join(
-                        sorted(p.split(":", 1)[1] for p in named)) + ")"
-                    out.append(f"{rel}: flag {flag} is not an option of {where}")
+            where = program.split(":", 1)[1] if program else "any command on this page (" + ", ".join(
+                sorted(p.split(":", 1)[1] for p in named)) + ")"
+            out.extend(f"{rel}: flag {flag} is not an option of {where}" for flag in flags if flag not in known)
     return out
+
+
+def problems(page: Path, text: str) -> list[str]:
+    """Everything on a page that names a path, key, target, script or flag that does not exist."""
+    rel = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
+    spans, blocks = code_of(text)
+    split = [f"{rel}:{n}: inline code split over two lines (keep each `span` on one line, so it can be checked)"
+             for n, line in enumerate(text.splitlines(), 1)
+             if line.count("`") % 2 and not line.lstrip().startswith("```")]
+    return (split + link_problems(page, rel, text) + [p for code in spans + blocks for p in code_problems(rel, code)]
+            + flag_problems(rel, spans + blocks))
 
 
 # ----------------------------------------------------------------------------------------------------- tests
