@@ -1,4 +1,5 @@
-# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv themselves and are idempotent.
+# Two commands for a fresh machine: `make demo` and `make test` (`make test-fast` while editing). All create .venv
+# themselves and are idempotent.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 # One thread per process: DeepSpeed/torch ranks and Ray workers share the cores instead of oversubscribing them.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install data demo test lint clean
+.PHONY: install data demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -28,6 +29,11 @@ demo: install data
 
 test: install data
 	$(BIN)/python -m pytest -q
+
+# Unit and small integration tests (< 3 minutes on 2 cores): everything but the end-to-end (`slow`), multi-process
+# (`distributed`) and CUDA (`gpu`) tests, which `make test` adds.
+test-fast: install data
+	$(BIN)/python -m pytest -q -m "not slow and not distributed and not gpu"
 
 lint: install
 	$(BIN)/ruff check toolkit launch tune export tests benchmarks

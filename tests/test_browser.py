@@ -3,8 +3,9 @@ exists, nothing is fetched from the network; screenshots are saved.
 
 Chromium is driven through its command line (`--dump-dom`, `--screenshot`), no WebDriver: the page is copied next
 to itself with a small script appended that, on the load event, records what the browser saw (each image's
-natural size, missing #anchors, the page's links) into the DOM, which `--dump-dom` prints. Skipped, saying why,
-where no Chromium is installed (`.ci/run` installs Debian's `chromium`).
+natural size, missing #anchors, the page's links) into the DOM, which `--dump-dom` prints. Chromium is a test
+requirement like the Fashion-MNIST data: without it these tests fail, saying how to install it (`.ci/run` installs
+Debian's `chromium`).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny run evaluated (report.html) with one image added by the explain CLI, and predict.py's page for its
     ONNX export with one unreadable input among two readable ones."""
     if chromium() is None:
-        pytest.skip("no Chromium here (install Debian's `chromium`, as .ci/run does); the browser checks cannot run")
+        pytest.fail("no Chromium here: install Debian's `chromium` (`apt-get install chromium`, as .ci/run does); "
+                    "the browser checks need a real browser")
     from export.to_onnx import main as export_main
     from toolkit.data import load_dataset
     from toolkit.explain.cli import main as explain_main

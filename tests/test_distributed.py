@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from toolkit.train.loop import accumulation_group, optimizer_steps_per_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-needs_deepspeed = pytest.mark.skipif(shutil.which("deepspeed", path=str(BIN)) is None, reason="deepspeed CLI missing")
 # 2 ranks against one process: BatchNorm stays on (synchronised over the ranks, so both see the global batch's
 # statistics). Dropout is off because its masks come from each rank's own RNG stream, which cannot reproduce the
 # single process's one mask over the whole batch; that is a different random draw, not an error.
@@ -119,7 +117,6 @@ def test_checkpoint_every_counts_optimizer_steps() -> None:
 
 
 @pytest.mark.slow
-@needs_deepspeed
 def test_bf16_engine_saves_fp32_master_weights() -> None:
     # DeepSpeed's CPU accelerator takes bf16, so this runs here: the engine computes with bf16 parameters, and the
     # model `train_model` leaves behind (and `save_checkpoint` writes) must be the optimiser's fp32 master copy.
@@ -201,7 +198,6 @@ def _compare(a: tuple[dict, dict], b: tuple[dict, dict], label: str) -> float:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@needs_deepspeed
 def test_two_ranks_with_batchnorm_match_one_process(tmp_path: Path) -> None:
     out = _finish(_deepspeed(tmp_path, "two", NO_DROPOUT, port=29611))
     assert "world_size=2" in out and "backend=gloo" in out
@@ -236,7 +232,6 @@ def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@needs_deepspeed
 def test_kill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     # Both ranks stop right after the checkpoint of dense optimiser step PAUSE_AT (a test-only pause the product
     # never enables) and wait there; the test kills rank 1 only then, so the kill lands at the same point on an

@@ -8,6 +8,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+import torch
 
 from toolkit.metrics import (
     _common,
@@ -57,7 +58,6 @@ def test_accuracy_and_per_class_accuracy_exact() -> None:
 
 
 def test_accuracy_accepts_torch_tensors() -> None:
-    torch = pytest.importorskip("torch")
     logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], dtype=torch.bfloat16, requires_grad=True)
     assert accuracy(logits, torch.tensor([1, 0, 0])) == pytest.approx(2 / 3)
 

@@ -497,8 +497,7 @@ def test_scip_and_gurobi_errors_say_how_to_fix(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.solver
-def test_scip_matches_brute_force_when_installed() -> None:
-    pytest.importorskip("pyscipopt")
+def test_scip_matches_brute_force() -> None:
     A = _instance(1, twins=True)
     R = similarity_R(A)
     sel = solve_qp(A, R, _cfg(solver="scip", redundancy_threshold=0.5))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import schedulefree
 import scipy.io as sio
 import torch
 from PIL import Image, ImageDraw
@@ -148,7 +149,6 @@ def _tiny_overrides(tmp: Path, dataset: str, root: Path) -> list[str]:
 
 
 def test_cub_generated_archive_end_to_end(tmp_path: Path) -> None:
-    pytest.importorskip("schedulefree", reason="declared dependency (pyproject); the reference optimiser")
     parent = make_cub(tmp_path / "data")
     cfg = load_config(REPO / "configs" / "cub.yaml",
                       _tiny_overrides(tmp_path, "cub", parent) + ["data.mask_resize=bilinear"])
@@ -177,7 +177,6 @@ def test_cub_generated_archive_end_to_end(tmp_path: Path) -> None:
 
 
 def test_cars_generated_archive_end_to_end(tmp_path: Path) -> None:
-    pytest.importorskip("schedulefree", reason="declared dependency (pyproject); the reference optimiser")
     root = make_cars(tmp_path / "cars")
     cfg = load_config(REPO / "configs" / "cars.yaml", _tiny_overrides(tmp_path, "cars", root))
     result = run_pipeline(cfg, preset="cars")
@@ -272,7 +271,6 @@ def _steps(model: torch.nn.Module, engine: TorchEngine, start: int, stop: int) -
 
 
 def test_schedule_free_modes_schedule_and_resume(tmp_path: Path) -> None:
-    schedulefree = pytest.importorskip("schedulefree", reason="declared dependency (pyproject)")
     model, engine = _sf_engine()
     assert isinstance(engine.optimizer, schedulefree.AdamWScheduleFree)
     _steps(model, engine, 0, 6)
@@ -350,7 +348,7 @@ def test_solve_qp_and_cli_use_the_chosen_rule(tmp_path: Path) -> None:
     assert main(["--inputs", str(tmp_path / "x.npz"), "--n-features", "3", "--n-per-class", "1", "--solver",
                  "heuristic", "--redundancy-rule", "reference", "--out", str(tmp_path / "y.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "y.json").read_text())["tau"] == 0.5
-    assert QPConfig().redundancy_rule == "reference"  # the default reproduces the paper (README)
+    assert QPConfig().redundancy_rule == "reference"  # the default reproduces the paper (docs/reproducing.md)
 
 
 # --------------------------------------------------------------------------------------------- loss ties

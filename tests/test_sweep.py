@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 from rich.console import Console
 
 import tune.runner as runner
@@ -306,7 +307,6 @@ def test_export_best_reports_a_missing_exporter_and_runs_a_present_one(tmp_path:
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory: pytest.TempPathFactory):
     """One local Ray instance (2 CPUs, no dashboard) for the sweeps of this module."""
-    ray = pytest.importorskip("ray")
     tmp = tmp_path_factory.mktemp("ray")
     runner._init_ray(SweepOptions(config=TINY, space=tmp, num_samples=1, output=tmp, num_cpus=2))
     yield
@@ -409,8 +409,8 @@ def test_release_workers_removes_the_placement_group_a_trial_left_behind(local_r
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_trials_with_two_workers_each_finish_on_two_cpus(tmp_path: Path) -> None:
-    """The README's multi-worker command on the tiny config, as a user runs it: 2 trials x 2 workers (1 CPU each) on
-    a 2-CPU Ray, so the trials queue; ASHA as in the README. Each trial trains with Ray Train's TorchTrainer and
+    """docs/sweeps.md's multi-worker command on the tiny config, as a user runs it: 2 trials x 2 workers (1 CPU each) on
+    a 2-CPU Ray, so the trials queue; ASHA as in docs/sweeps.md. Each trial trains with Ray Train's TorchTrainer and
     the DeepSpeed engine; worker lines are printed once, and nothing from Ray follows the summary."""
     space = tmp_path / "space.yaml"
     space.write_text("finetune.l1_maps: {loguniform: [0.5, 5.0]}\nqp.n_per_class: {choice: [2, 3]}\n")
