@@ -2,12 +2,12 @@
 
 A key is sha256 over (stage name, config slice, upstream keys, the fingerprint of the toolkit code the stage runs
 (`toolkit.fingerprint`: its module and every toolkit module it imports, so a loss change rebuilds the training
-stages and keeps the token stores), library versions). A hit loads, a miss
-computes into a temporary directory that is renamed only when complete, so an interrupted stage is never reused
-(unlike the reference code's "file exists, so skip"; docs/method.md#differences). Every artefact directory holds a
-`manifest.json`: stage, key, config slice, upstream keys, versions, the code fingerprint with the hash of each module
-it covers (two manifests of a stage show which module made it rebuild), metrics, wall time, and what each file holds
-(size, .npy dtype and shape, sha256 of small files), which every load checks.
+stages and keeps the token stores), library versions). A hit loads, a miss computes into a temporary directory that
+is renamed only when complete, so an interrupted stage is never reused (unlike the reference code's "file exists, so
+skip"; docs/method.md#differences). Every artefact directory holds a `manifest.json`: stage, key, config slice,
+upstream keys, versions, the code fingerprint with the hash of each module it covers (two manifests of a stage show
+which module made it rebuild), metrics, wall time, and what each file holds (size, .npy dtype and shape, sha256 of
+small files), which every load checks.
 """
 
 from __future__ import annotations
