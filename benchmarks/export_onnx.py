@@ -163,8 +163,9 @@ def compare_precisions(a: argparse.Namespace) -> None:
         images, labels, where = held_out_images(cfg, "test", a.images, size)  # type: ignore[arg-type]
         sessions = {name: _session(path, a.threads) for name, path in rows.items()}
         outputs = {name: run_batched(s, images) for name, s in sessions.items()}
-        fid = {name: measure_fidelity(outputs["fp32"], out, meta, labels=labels, thresholds=Int8Thresholds(),
-                                      source=where) for name, out in outputs.items()}
+        gate = Int8Thresholds.from_config(cfg.export)
+        fid = {name: measure_fidelity(outputs["fp32"], out, meta, labels=labels, thresholds=gate, source=where)
+               for name, out in outputs.items()}
         ms = {}
         for bs in a.batches:
             x = images[:bs] if len(images) >= bs else np.repeat(images[:1], bs, axis=0)

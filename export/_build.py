@@ -181,14 +181,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, opset: int | None = None
         raise ExportError(f"unknown int8 option(s) {unknown}; known: {sorted(knobs)}")
     knobs.update(int8_overrides or {})
     try:  # the config's own checks, plus the recipe's (mode names, value types)
-        replace(ecfg, {"int8_" + k: v for k, v in knobs.items()})
+        checked = replace(ecfg, {"int8_" + k: v for k, v in knobs.items()})
         recipe = Int8Recipe(mode=knobs["mode"], per_channel=knobs["per_channel"],
                             keep_fp32=Int8Recipe.parse_keep_fp32(knobs["keep_fp32"]), preprocess=knobs["preprocess"],
                             calibration_images=knobs["calibration_images"], block_size=knobs["block_size"])
-        thresholds = Int8Thresholds(min_top1_agreement=knobs["min_top1_agreement"],
-                                    min_map_correlation=knobs["min_map_correlation"],
-                                    min_rank_agreement=knobs["min_rank_agreement"],
-                                    max_accuracy_drop=knobs["max_accuracy_drop"])
+        thresholds = Int8Thresholds.from_config(checked)
     except ValueError as e:
         raise ExportError(f"int8 option: {e}") from e
     precision = "fp16" if fp16 else "int8" if int8 else "fp32"
@@ -210,7 +207,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, opset: int | None = None
     patch = backbone.patch_size
     if size[0] % patch or size[1] % patch or min(size) < patch:
         raise ExportError(f"image size {size[0]}x{size[1]} must be positive multiples of the patch size {patch}")
-    minmax = bool(info.get("reference_minmax", cfg.data.reference_minmax))
+    minmax = bool(info.get("reference_minmax", cfg.data.minmax))
     common = dict(vit=backbone.model, mean=info["mean"], std=info["std"], reference_minmax=minmax)
     reference = UnfoldedModel(model=model, **common).eval()
     deploy = DeployModel(folded=fold_model(model), **common).eval()

@@ -32,13 +32,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from export._graph import INPUT_NAME, OUTPUT_NAMES
+
+if TYPE_CHECKING:
+    from toolkit.config import ExportConfig
 
 QUANTISED_OPS = ("MatMul",)
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
@@ -89,12 +92,18 @@ class Int8Recipe:
 
 @dataclass(frozen=True)
 class Int8Thresholds:
-    """The fidelity gate's limits (config `export.int8_min_*` / `export.int8_max_accuracy_drop`)."""
+    """The fidelity gate's limits. Their defaults live in one place, the config (`export.int8_min_*`,
+    `export.int8_max_accuracy_drop` in toolkit/config.py): build them with `from_config`."""
 
-    min_top1_agreement: float = 0.99
-    min_map_correlation: float = 0.95  # every image
-    min_rank_agreement: float = 0.9  # mean over images of the Spearman correlation of the m contributions
-    max_accuracy_drop: float = 0.01
+    min_top1_agreement: float
+    min_map_correlation: float  # every image
+    min_rank_agreement: float  # mean over images of the Spearman correlation of the m contributions
+    max_accuracy_drop: float
+
+    @classmethod
+    def from_config(cls, export: ExportConfig) -> Int8Thresholds:
+        """The thresholds `export.int8_<name>` of an export config."""
+        return cls(**{f.name: getattr(export, f"int8_{f.name}") for f in dataclasses.fields(cls)})
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -17,7 +17,15 @@ from pathlib import Path
 
 from toolkit.config import ConfigError, dump_config, load_config
 from toolkit.distributed import dist_info, shutdown_distributed
-from toolkit.pipeline import run_dir_for, run_pipeline
+from toolkit.pipeline import UNTIL, check_until, run_dir_for, run_pipeline
+
+
+def _until(value: str) -> str:
+    try:
+        check_until(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML preset (configs/*.yaml); defaults when omitted")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    parser.add_argument("--until", default="evaluate", choices=["tokens", "dense", "qp", "finetune", "evaluate"])
+    parser.add_argument("--until", default="evaluate", type=_until, metavar="{" + ",".join(UNTIL) + "}",
+                        help="last stage to run (default: evaluate, i.e. all)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, print it resolved and the run directory it would use, then stop")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -220,6 +220,22 @@ def test_replace_validates_on_a_run_config_and_on_one_section() -> None:
     assert cfg.qp.n_features == 6  # the original is untouched
 
 
+def test_reference_minmax_follows_preprocess_and_false_under_reference_is_refused(tmp_path: Path) -> None:
+    # The reference order ends with the min-max: false there cannot be honoured, so it is refused, naming both keys.
+    with pytest.raises(ConfigError, match=r"config key 'data\.reference_minmax': false cannot be honoured under "
+                                          r"data\.preprocess=reference.*data\.preprocess=timm"):
+        load_config(ROOT / "configs" / "cub.yaml", ["data.reference_minmax=false"])
+    assert load_config(ROOT / "configs" / "cub.yaml").data.minmax  # unset: implied by the reference order
+    assert load_config(ROOT / "configs" / "cub.yaml", ["data.reference_minmax=true"]).data.minmax
+    assert not load_config(None).data.minmax and load_config(None, ["data.reference_minmax=true"]).data.minmax
+    assert not load_config(None, ["data.reference_minmax=false"]).data.minmax
+    # Switching a resolved timm config to the reference order keeps working (unset stays unset) and round-trips.
+    cfg = replace(load_config(None), ["data.preprocess=reference"])
+    assert cfg.data.minmax
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
 def test_check_key_and_check_value_are_the_config_validator() -> None:
     check_key("finetune.l1_maps")
     with pytest.raises(ConfigError, match=r"Did you mean 'finetune\.l1_maps'\?"):

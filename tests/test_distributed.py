@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,6 @@ from safetensors.torch import load_file
 
 from toolkit.config import ProbeConfig
 from toolkit.console import Console
-from toolkit.distributed import TEST_PAUSE_ENV
 from toolkit.model import LinearProbe
 from toolkit.train import TorchEngine, fit
 from toolkit.train.loop import accumulation_group, optimizer_steps_per_epoch
@@ -46,6 +46,8 @@ BN_CANCELLED = re.compile(r"adapter\.blocks\.\d+\.(linear\.bias|norm\.running_me
 RESUME = ["dense.epochs=4", "dense.batch_size=24", "runtime.grad_accum=4", "runtime.checkpoint_every=1",
           "runtime.progress=false"]
 PAUSE_AT = 3  # dense optimiser step 3 = epoch 2, micro-step 4 of 6: mid-epoch, mid-stage
+PAUSE_ENV = "PAUSE_AFTER_CHECKPOINT"  # read by tests/_paused_train.py, the test's own entry point
+TRAIN = ROOT / "launch" / "train.py"
 
 
 # ------------------------------------------------------------------------------------------ one process
@@ -120,7 +122,7 @@ def test_checkpoint_every_counts_optimizer_steps() -> None:
 def test_bf16_engine_saves_fp32_master_weights() -> None:
     # DeepSpeed's CPU accelerator takes bf16, so this runs here: the engine computes with bf16 parameters, and the
     # model `train_model` leaves behind (and `save_checkpoint` writes) must be the optimiser's fp32 master copy.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT="29615")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "_bf16_master.py")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -142,19 +144,27 @@ def _env(**extra: str) -> dict[str, str]:
     # checkouts' builds (other compiler flags) from triggering a rebuild here.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    env.pop(TEST_PAUSE_ENV, None)
+    env.pop(PAUSE_ENV, None)
     env.update(extra)
     return env
 
 
-def _args(tmp: Path, name: str, extra: list[str]) -> list[str]:
-    return [str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+def _free_port() -> int:
+    """A port nobody listens on now (other test sessions may run their own launchers on this machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _args(tmp: Path, name: str, extra: list[str], script: Path = TRAIN) -> list[str]:
+    return [str(script), "--config", str(ROOT / "configs/tiny.yaml"),
             f"cache.root={tmp / name / 'art'}", f"runtime.output_dir={tmp / name / 'runs'}", "runtime.run_name=r",
             *extra]
 
 
-def _deepspeed(tmp: Path, name: str, extra: list[str], port: int, **env: str) -> subprocess.Popen:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), *_args(tmp, name, extra)]
+def _deepspeed(tmp: Path, name: str, extra: list[str], port: int, script: Path = TRAIN,
+               **env: str) -> subprocess.Popen:
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), *_args(tmp, name, extra, script)]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -199,7 +209,7 @@ def _compare(a: tuple[dict, dict], b: tuple[dict, dict], label: str) -> float:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_ranks_with_batchnorm_match_one_process(tmp_path: Path) -> None:
-    out = _finish(_deepspeed(tmp_path, "two", NO_DROPOUT, port=29611))
+    out = _finish(_deepspeed(tmp_path, "two", NO_DROPOUT, port=_free_port()))
     assert "world_size=2" in out and "backend=gloo" in out
     assert "engine deepspeed (ZeRO stage 0, 2 ranks, fp32), 2 synchronised BatchNorms" in out
     assert out.count("run directory:") == 1  # rank 0 alone prints
@@ -219,11 +229,11 @@ def test_two_ranks_with_batchnorm_match_one_process(tmp_path: Path) -> None:
     assert "differs from the pipeline's" not in out
 
 
-def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
+def _rank_processes(launcher: subprocess.Popen, script: Path) -> dict[int, psutil.Process]:
     found = {}
     for p in psutil.Process(launcher.pid).children(recursive=True):
         try:
-            if "launch/train.py" in " ".join(p.cmdline()) and "RANK" in p.environ():
+            if str(script) in " ".join(p.cmdline()) and "RANK" in p.environ():
                 found[int(p.environ()["RANK"])] = p
         except psutil.Error:
             continue
@@ -233,17 +243,20 @@ def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_kill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
-    # Both ranks stop right after the checkpoint of dense optimiser step PAUSE_AT (a test-only pause the product
-    # never enables) and wait there; the test kills rank 1 only then, so the kill lands at the same point on an
-    # idle and on a loaded machine. The timeout below only bounds a broken run, it never decides the outcome.
+    # Both ranks stop right after the checkpoint of dense optimiser step PAUSE_AT and wait there (the test's own
+    # entry point, tests/_paused_train.py, wraps the training loop; the product has no pause); the test kills rank 1
+    # only then, so the kill lands at the same point on an idle and on a loaded machine. The timeout below only
+    # bounds a broken run, it never decides the outcome.
     marker = tmp_path / "paused"
-    proc = _deepspeed(tmp_path, "killed", RESUME, port=29612, **{TEST_PAUSE_ENV: f"dense:{PAUSE_AT}:{marker}"})
+    paused = ROOT / "tests" / "_paused_train.py"
+    proc = _deepspeed(tmp_path, "killed", RESUME, port=_free_port(), script=paused,
+                      **{PAUSE_ENV: f"dense:{PAUSE_AT}:{marker}"})
     deadline = time.monotonic() + 900
     while not all(Path(f"{marker}.rank{r}").is_file() for r in (0, 1)):
         assert proc.poll() is None, "the run ended before the pause: " + proc.communicate()[0][-4000:]
         assert time.monotonic() < deadline, "the run never reached the pause"
         time.sleep(0.5)
-    ranks = _rank_processes(proc)
+    ranks = _rank_processes(proc, paused)
     ranks[1].send_signal(signal.SIGKILL)
     try:
         proc.communicate(timeout=120)
@@ -257,11 +270,11 @@ def test_kill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path) -> Non
     resume_dir = next((tmp_path / "killed" / "art" / "dense").glob(".work-*/resume"))
     assert (resume_dir / "latest").read_text().strip() == "epoch1-step4"  # epoch 2, 4 micro-steps = step 3
 
-    out = _finish(_deepspeed(tmp_path, "killed", [*RESUME, "runtime.resume=true"], port=29613))
+    out = _finish(_deepspeed(tmp_path, "killed", [*RESUME, "runtime.resume=true"], port=_free_port()))
     assert "dense: resumed at epoch 2, micro-step 4" in out
     assert not list((tmp_path / "killed" / "art").glob("*/.tmp-*")), "the killed run left a temp folder"
     assert not list((tmp_path / "killed" / "art").glob("*/.work-*")), "resume checkpoints were not cleaned up"
-    _finish(_deepspeed(tmp_path, "clean", RESUME, port=29614))
+    _finish(_deepspeed(tmp_path, "clean", RESUME, port=_free_port()))
     diff = _compare(_result(tmp_path, "killed"), _result(tmp_path, "clean"), "killed + resumed vs uninterrupted")
     assert diff == 0.0, f"resume is not exact: max weight difference {diff}"
     hist = [json.loads((d / "history.json").read_text()) for d in

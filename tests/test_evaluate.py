@@ -21,6 +21,7 @@ from toolkit.metrics import MODELS, REPORTED, VARIANTS
 from toolkit.model import join_tokens, load_checkpoint
 from toolkit.pipeline import run_pipeline
 from toolkit.stages.evaluate import evaluate_run, map_subset
+from toolkit.stages.evaluate import main as evaluate_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def test_pick_local_samples_prefers_confident_correct_then_a_mistake() -> None:
 
 @pytest.mark.slow
 def test_evaluate_run_on_the_tiny_pipeline(tiny_overrides: list[str], tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*tiny_overrides, "evaluate.map_images=7"])
     run_dir = run_pipeline(cfg, until="finetune").run_dir
     assert not (run_dir / "report.html").exists()
     before = json.loads((run_dir / "metrics.json").read_text())
@@ -141,6 +142,12 @@ def test_evaluate_run_on_the_tiny_pipeline(tiny_overrides: list[str], tmp_path: 
     assert np.array_equal(np.asarray(glob["weight"]), model.head.weight.numpy())
     assert glob["classes"] == info["classes"]
     assert evaluate_run(run_dir, max_map_images=20) == metrics
+    # dinoqpm-evaluate follows the run's evaluate.map_images unless told otherwise.
+    assert evaluate_main(["--run", str(run_dir)]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["evaluation"]["map_images"] == 7
+    assert evaluate_main(["--run", str(run_dir), "--max-map-images", "all"]) == 0
+    evaluation = json.loads((run_dir / "metrics.json").read_text())["evaluation"]
+    assert evaluation["map_images"] == evaluation["test_images"] > 7
 
     # The explain CLI runs the live backbone on image files and agrees with the cached-token prediction.
     test_set = load_dataset(cfg.data, "test")

@@ -35,6 +35,12 @@ def test_bad_input_names_the_dotted_key(override: str, key: str, capsys: pytest.
     assert f"'{key}'" in capsys.readouterr().err
 
 
+def test_until_qp_names_its_new_value(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--until", "qp", "--dry-run"])
+    assert done.value.code == 2 and "--until qp is now --until select" in capsys.readouterr().err
+
+
 def test_script_runs_without_path_tricks() -> None:
     # As a user runs it from a checkout (the package is installed): no sys.path edits in the script itself.
     done = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", DEMO, "--dry-run"],

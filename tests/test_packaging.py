@@ -3,6 +3,7 @@ and their data files, and every console script starts from an unrelated folder."
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,8 +25,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     str(tmp / "wheel"), str(ROOT)], check=True)
     wheel = next((tmp / "wheel").glob("*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("toolkit/pipeline.py", "launch/train.py", "launch/ds_config.json", "tune/spaces/default.yaml",
-                   "export/predict.py"):
+    for needed in ("toolkit/pipeline.py", "launch/train.py", "toolkit/train/ds_config.json",
+                   "tune/spaces/default.yaml", "export/predict.py"):
         assert needed in names, f"{needed} is missing from {wheel.name}"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target",
                     str(tmp / "site"), str(wheel)], check=True)
@@ -45,3 +46,19 @@ def test_console_script_runs_outside_the_checkout(script: str, installed: Path, 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage" in done.stdout.lower()
     assert done.stdout.startswith(f"FROM {installed}"), done.stdout[:300]
+
+
+@pytest.mark.slow
+def test_installed_package_fingerprints_its_own_sources(installed: Path, tmp_path: Path) -> None:
+    # Stage keys hash the toolkit modules a stage reaches; an installed copy reads them next to its own files (not
+    # from a checkout), and the same sources give the same fingerprints.
+    from toolkit.fingerprint import stage_fingerprint
+
+    code = ("import json, toolkit.fingerprint as f; print(json.dumps([str(f.ROOT), "
+            "{s: f.stage_fingerprint(s).digest for s in ('tokens', 'dense', 'select', 'finetune')}]))")
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    root, digests = json.loads(done.stdout)
+    assert Path(root) == installed / "toolkit"
+    assert digests == {s: stage_fingerprint(s).digest for s in digests}

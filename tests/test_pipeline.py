@@ -31,7 +31,7 @@ def test_pipeline_end_to_end_then_fully_cached(tiny_overrides: list[str], tmp_pa
     # The run directory explains itself.
     assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["qp"]["n_features"] == cfg.qp.n_features
     manifest = json.loads((first.run_dir / "manifest.json").read_text())
-    assert set(manifest["stages"]) >= {"tokens_train", "tokens_test", "probe", "dense", "qp", "finetune"}
+    assert set(manifest["stages"]) >= {"tokens_train", "tokens_test", "probe", "dense", "select", "finetune"}
     # The checkpoint alone rebuilds the sparse model: k selected features, exactly m per class.
     model, info = load_checkpoint(first.run_dir / "checkpoint")
     assert isinstance(model, DinoQPM) and isinstance(model.head, SparseHead)
@@ -88,7 +88,7 @@ def test_same_config_same_directory_other_config_its_own(tiny_overrides: list[st
 
 
 def test_deepspeed_json_is_hashed_by_content_not_path(tiny_overrides: list[str], tmp_path: Path) -> None:
-    template = ROOT / "launch" / "ds_config.json"
+    template = ROOT / "toolkit" / "train" / "ds_config.json"
     copy = tmp_path / "elsewhere" / "ds.json"
     copy.parent.mkdir()
     copy.write_text(template.read_text())
@@ -97,6 +97,30 @@ def test_deepspeed_json_is_hashed_by_content_not_path(tiny_overrides: list[str],
     assert config_hash(here) == config_hash(there)
     copy.write_text(template.read_text().replace('"gradient_clipping": 0.0', '"gradient_clipping": 1.0'))
     assert config_hash(here) != config_hash(there)
+
+
+def test_deepspeed_default_is_the_shipped_template(tiny_overrides: list[str], tmp_path: Path) -> None:
+    from toolkit.train._deepspeed import DEFAULT_TEMPLATE, deepspeed_config
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides)
+    assert DEFAULT_TEMPLATE == ROOT / "toolkit" / "train" / "ds_config.json"
+    template = json.loads(DEFAULT_TEMPLATE.read_text())
+    out = deepspeed_config(cfg.dense, cfg.runtime, precision="fp32")
+    assert {k: out[k] for k in template if k not in ("zero_optimization", "bf16")} == {
+        k: v for k, v in template.items() if k not in ("zero_optimization", "bf16")}
+    assert out["train_batch_size"] == cfg.dense.batch_size and out["zero_optimization"]["stage"] == 0
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({**template, "gradient_clipping": 1.0}))
+    custom = replace(cfg, [f"runtime.deepspeed_config={own}"])
+    assert deepspeed_config(custom.dense, custom.runtime, precision="fp32")["gradient_clipping"] == 1.0
+
+
+def test_until_qp_names_the_new_stage_name(tiny_overrides: list[str]) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides)
+    with pytest.raises(ValueError, match="--until qp is now --until select"):
+        run_pipeline(cfg, until="qp")
+    with pytest.raises(ValueError, match="must be one of tokens, dense, select, finetune, evaluate"):
+        run_pipeline(cfg, until="everything")
 
 
 def test_missing_data_fails_before_writing_anything(tiny_overrides: list[str], tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
 """Content-hashed stage artefacts: a stage's output directory is named by a hash of everything it depends on.
 
-A key is sha256 over (stage name, config slice, upstream keys, code and library versions). A hit loads, a miss
-computes into a temporary directory that is renamed only when complete, so an interrupted stage is never reused
-(unlike the reference code's "file exists, so skip"; docs/method.md#differences). Every artefact directory holds a
-`manifest.json`: stage, key, config slice, upstream keys, versions, metrics, wall time, and what each file holds
-(size, .npy dtype and shape, sha256 of small files), which every load checks.
+A key is sha256 over (stage name, config slice, upstream keys, the fingerprint of the toolkit code the stage runs
+(`toolkit.fingerprint`: its module and every toolkit module it imports, so a loss change rebuilds the training
+stages and keeps the token stores), library versions). A hit loads, a miss computes into a temporary directory that
+is renamed only when complete, so an interrupted stage is never reused (unlike the reference code's "file exists, so
+skip"; docs/method.md#differences). Every artefact directory holds a `manifest.json`: stage, key, config slice,
+upstream keys, versions, the code fingerprint with the hash of each module it covers (two manifests of a stage show
+which module made it rebuild), metrics, wall time, and what each file holds (size, .npy dtype and shape, sha256 of
+small files), which every load checks.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from filelock import FileLock, Timeout
 from toolkit import __version__
 from toolkit.distributed import barrier, broadcast_object, dist_info
 from toolkit.files import atomic_write_text, jsonable
+from toolkit.fingerprint import is_stage, stage_fingerprint
 
 MANIFEST = "manifest.json"
 # Directory -> whether this process's last get_or_run for it loaded (True) or built (False) it; run manifests
@@ -37,8 +41,6 @@ _HITS: dict[str, bool] = {}
 def was_cached(directory: Path) -> bool | None:
     """Whether this process loaded `directory` from the cache (None if it never asked for it)."""
     return _HITS.get(str(directory))
-# Bump when a stage's maths changes in a way that invalidates artefacts made by older code.
-CODE_VERSION = "3"  # 2: synchronised BatchNorm, exact accumulation, fp32 master weights; 3: pre-BN biases frozen
 
 
 def library_versions() -> dict[str, str]:
@@ -46,14 +48,18 @@ def library_versions() -> dict[str, str]:
     import timm
     import torch
 
-    return {"toolkit": __version__, "code": CODE_VERSION, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__}
+    return {"toolkit": __version__, "torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__}
 
 
 def content_key(stage: str, config: Any, upstream: dict[str, str] | None = None, extra: Any = None) -> str:
-    """Stable hex key of a stage's inputs (config slice, upstream artefact keys, anything else it reads)."""
+    """Stable hex key of a stage's inputs (config slice, upstream artefact keys, anything else it reads), its code
+    (the fingerprint of toolkit/stages/<stage>.py and the toolkit modules it imports) and library versions.
+
+    Raises:
+        ValueError: `stage` has no module toolkit/stages/<stage>.py.
+    """
     payload = {"stage": stage, "config": config, "upstream": upstream or {}, "extra": extra,
-               "versions": library_versions()}
+               "code": stage_fingerprint(stage).digest, "versions": library_versions()}
     blob = json.dumps(payload, sort_keys=True, default=jsonable).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
@@ -67,6 +73,7 @@ class Manifest:
     config: Any
     upstream: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
+    code: dict[str, Any] | None = None  # fingerprint and per-module hashes (toolkit.fingerprint); None: not a stage
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -262,7 +269,8 @@ def _new_tmp(final: Path) -> Path:
 
 def _publish(tmp: Path, final: Path, stage: str, key: str, config: Any, upstream: dict[str, str] | None,
              metrics: dict[str, Any], t0: float) -> Manifest:
-    manifest = Manifest(stage=stage, key=key, config=config, upstream=upstream or {}, metrics=metrics,
+    code = stage_fingerprint(stage).to_json() if is_stage(stage) else None
+    manifest = Manifest(stage=stage, key=key, config=config, upstream=upstream or {}, code=code, metrics=metrics,
                         seconds=round(time.perf_counter() - t0, 3), files=describe_files(tmp))
     manifest.write(tmp)
     if (final / MANIFEST).is_file():  # never replace a published artefact (only possible without the lock)

@@ -186,7 +186,7 @@ def token_key(data: DataConfig, backbone: BackboneConfig, split: str, ids: list[
     if backbone.weights == "none":  # random init: the weights are a function of the seed and the architecture
         weights += f":seed={seed}:{backbone.arch_overrides()}"
     slice_ = {"backbone": backbone.name, "weights": weights, "image_size": data.image_size,
-              "reference_minmax": data.reference_minmax, "layer": LAYER, "split": split,
+              "reference_minmax": data.minmax, "layer": LAYER, "split": split,
               "dataset": data.dataset, "ids_sha256": ids_hash, "n": len(ids),
               "arrays": f"cls_blocks{CLS_BLOCKS}+patch_mean"}
     # Only when they differ from the defaults, so the keys of default runs stay as they were.

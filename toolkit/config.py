@@ -160,8 +160,9 @@ class DataConfig(_Section):
     train_per_class: PosInt | None = None  # seeded balanced subset of the train split, images per class; None = all
     test_per_class: PosInt | None = None  # seeded balanced subset of the test split, images per class; None = all
     seed: NonNegInt = 0  # seed of the subset draw (independent of the training seed)
-    # Reference quirk of RobertZimm/DINO-QPM: per-image min-max rescale to [0, 1] after Normalize.
-    reference_minmax: bool = False
+    # Reference quirk of RobertZimm/DINO-QPM: per-image min-max rescale to [0, 1] after Normalize. None = as
+    # data.preprocess implies (reference: on, it is part of that order; timm: off); true adds it to timm's.
+    reference_minmax: bool | None = None
     # timm: bicubic antialiased resize, the backbone's (ImageNet) mean/std; reference: the reference code's bilinear
     # resize, dataset mean/std (CUB, Cars; others keep the backbone's) and per-image min-max (docs/method.md#data).
     preprocess: Literal["timm", "reference"] = "timm"
@@ -190,6 +191,19 @@ class DataConfig(_Section):
                 raise _Invalid(key, f"only applies to data.dataset {used}; this config uses data.dataset={dataset}, "
                                     f"so remove the key (got {out[key]!r})")
         return out
+
+    @model_validator(mode="after")
+    def _minmax_is_part_of_reference(self) -> DataConfig:
+        if self.preprocess == "reference" and self.reference_minmax is False:
+            raise _Invalid("reference_minmax", "false cannot be honoured under data.preprocess=reference, whose order "
+                                               "ends with the per-image min-max (docs/method.md#model); remove "
+                                               "data.reference_minmax, or use data.preprocess=timm for no min-max")
+        return self
+
+    @property
+    def minmax(self) -> bool:
+        """Whether images get the per-image min-max (`reference_minmax`, or what `preprocess` implies when unset)."""
+        return self.preprocess == "reference" if self.reference_minmax is None else self.reference_minmax
 
     @model_serializer(mode="wrap")
     def _applicable_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -420,8 +434,8 @@ class RuntimeConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend; auto: nccl on GPU, gloo on CPU
     # Training engine: auto = DeepSpeed when started by the deepspeed launcher, plain torch (DDP) otherwise.
     engine: Literal["auto", "deepspeed", "torch"] = "auto"
-    # DeepSpeed JSON template (launch/ds_config.json); batch sizes, accumulation, ZeRO stage and bf16 are always
-    # filled in from this config, so the two never disagree. None = the built-in equivalent of that template.
+    # DeepSpeed JSON template; batch sizes, accumulation, ZeRO stage and bf16 are always filled in from this config,
+    # so the two never disagree. None = the template shipped in the package, toolkit/train/ds_config.json.
     deepspeed_config: str | None = None
     checkpoint_every: NonNegInt = 0  # save a resumable checkpoint every N optimizer steps (0 = at stage ends only)
     resume: bool = False  # continue from the last checkpoint of this run directory

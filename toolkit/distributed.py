@@ -198,26 +198,3 @@ def set_rng_state(state: dict[str, object]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
 
-
-# ------------------------------------------------------------------------------ test-only pause
-
-# Fault tests set this to "<stage>:<optimizer step>:<marker file>": every rank of that stage, right after the
-# checkpoint at that step is complete, writes "<marker>.rank<r>" and waits until it is killed. The test kills at a
-# point it chose, whatever the machine's speed; the product never sets the variable.
-TEST_PAUSE_ENV = "DINOQPM_TEST_PAUSE_AFTER_CHECKPOINT"
-
-
-def pause_for_test(stage: str, step: int) -> None:
-    """Block forever here if the test-only pause names this stage and optimizer step (see TEST_PAUSE_ENV)."""
-    spec = os.environ.get(TEST_PAUSE_ENV)
-    if not spec:
-        return
-    want_stage, want_step, marker = spec.split(":", 2)
-    if want_stage != stage or int(want_step) != step:
-        return
-    import time
-    from pathlib import Path
-
-    Path(f"{marker}.rank{dist_info().rank}").write_text(f"{stage} step {step}\n")
-    while True:  # noqa: ASYNC110 - a test-only wait for SIGKILL
-        time.sleep(3600)

@@ -46,7 +46,7 @@ from toolkit.stages.evaluate import evaluate_run
 from toolkit.stages.finetune import run_finetune
 from toolkit.stages.probe import run_probe
 from toolkit.stages.probe_dinov2 import run_probe_dinov2
-from toolkit.stages.select import SelectionResult, run_selection
+from toolkit.stages.select import SelectionResult, run_select
 from toolkit.stages.tokens import build_tokens, live_split
 from toolkit.train import Split, TrainContext, make_engine_factory
 from toolkit.train.loop import local_evaluation
@@ -77,7 +77,7 @@ def _identity(cfg: RunConfig) -> dict[str, Any]:
         path = Path(cfg.runtime.deepspeed_config)
         if not path.is_file():
             raise ConfigError(f"config key 'runtime.deepspeed_config': file {path} not found; point it at a DeepSpeed "
-                              "JSON such as launch/ds_config.json, or leave it null for the built-in default")
+                              "JSON (a copy of toolkit/train/ds_config.json), or leave it null for that default")
         d["runtime"]["deepspeed_config"] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     return d
 
@@ -103,9 +103,27 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
                               "name, or delete that directory.")
 
 
+# Where a run may stop (`--until`), in stage order; evaluate = everything.
+UNTIL = ("tokens", "dense", "select", "finetune", "evaluate")
+_RENAMED = {"qp": "select"}  # old --until values
+
+
+def check_until(until: str) -> None:
+    """Refuse an unknown `until`, naming the new value of a renamed stage.
+
+    Raises:
+        ValueError: `until` is not one of `UNTIL`.
+    """
+    if until in _RENAMED:
+        raise ValueError(f"--until {until} is now --until {_RENAMED[until]} (the selection stage is called "
+                         f"'{_RENAMED[until]}' everywhere: stages/select.py, its artefacts and manifest entry)")
+    if until not in UNTIL:
+        raise ValueError(f"--until must be one of {', '.join(UNTIL)}, got {until!r}")
+
+
 def run_pipeline(cfg: RunConfig, *, until: str = "evaluate", preset: str | None = None,
                  on_epoch: Callable[[str, dict[str, float]], None] | None = None) -> PipelineResult:
-    """Run every stage (or up to `until`: tokens, dense, qp, finetune, evaluate) and write the run directory.
+    """Run every stage (or up to `until`, one of `UNTIL`) and write the run directory.
 
     Args:
         preset: name of the YAML preset, used in the default run directory name (`<preset>-<config hash>`).
@@ -115,6 +133,7 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate", preset: str | None 
     The datasets are opened before anything is written, so a wrong `data.root` fails without leaving a directory;
     a run whose first stage fails removes the directory it created.
     """
+    check_until(until)
     info = init_distributed(cfg.runtime)
     run_dir = run_dir_for(cfg, preset)
     check_run_dir(cfg, run_dir)
@@ -220,9 +239,9 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
         metrics["dense"] = {"accuracy": dense.metrics["accuracy"]}
     if until not in ("tokens", "dense"):
         t0 = time.perf_counter()
-        sel: SelectionResult = run_selection(dense=dense, n_classes=len(stores["train"].classes), cfg=cfg.qp,
-                                             root=root, ctx=ctx)
-        record("qp", sel.directory, sel.key, {"objective": sel.selection.objective}, t0)
+        sel: SelectionResult = run_select(dense=dense, n_classes=len(stores["train"].classes), cfg=cfg.qp,
+                                          root=root, ctx=ctx)
+        record("select", sel.directory, sel.key, {"objective": sel.selection.objective}, t0)
         metrics["qp"] = json.loads(sel.selection.to_json())
         for k in ("selected", "assignment", "weight"):
             metrics["qp"].pop(k, None)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -160,11 +159,6 @@ def build_table(rows: list[TrialRow], keys: list[str], *, front: set[str], chose
         cells = [mark, r.trial_id, *[_fmt(r.params.get(k)) for k in keys], *[_fmt(r.get(c)) for c in COLUMNS], note]
         table.add_row(*[escape(c) for c in cells])  # reasons can hold brackets that rich would read as markup
     return table
-
-
-def render_table(rows: list[TrialRow], keys: list[str], *, front: set[str], chosen: str | None,
-                 console: Console) -> None:
-    console.print(build_table(rows, keys, front=front, chosen=chosen))
 
 
 def write_csv(rows: list[TrialRow], keys: list[str], path: Path, *, front: set[str], chosen: str | None) -> None:

@@ -188,7 +188,7 @@ def preprocess_for(cfg: DataConfig, mean: Sequence[float], std: Sequence[float])
     if cfg.preprocess == "reference":
         m, s = REFERENCE_STATS.get(cfg.dataset, (tuple(mean), tuple(std)))
         return Preprocess("bilinear", tuple(float(v) for v in m), tuple(float(v) for v in s), True)
-    return Preprocess("bicubic", tuple(float(v) for v in mean), tuple(float(v) for v in std), cfg.reference_minmax)
+    return Preprocess("bicubic", tuple(float(v) for v in mean), tuple(float(v) for v in std), cfg.minmax)
 
 
 def _cv2_linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,6 +8,8 @@
     finetune.py  dense model + selection -> the DINO-QPM model
     evaluate.py  a finished run -> interpretability metrics, explanations, report
 
-`toolkit.pipeline` chains them. Stages compose the libraries below them and are imported by nothing but the
-pipeline and the entry points.
+A content-hashed stage is named after its module: the name is its artefact folder (`<cache.root>/<stage>/<key>`),
+its entry in a run's manifest.json, its `--until` value and the module whose imports make its code fingerprint
+(`toolkit.fingerprint`). `toolkit.pipeline` chains them. Stages compose the libraries below them and are imported
+by nothing but the pipeline and the entry points.
 """

@@ -52,6 +52,7 @@ from toolkit.runs import Run, load_run
 from toolkit.train import evaluate, store_maps
 
 BATCH = 256
+FROM_RUN = "run"  # `max_map_images` default: the run's own `evaluate.map_images`
 
 
 def model_outputs(model: torch.nn.Module, store: TokenStore, *,
@@ -115,14 +116,14 @@ def _load(path: Path, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def evaluate_run(run_dir: Path, *, max_map_images: int | None = 1000,
+def evaluate_run(run_dir: Path, *, max_map_images: int | None | str = FROM_RUN,
                  console: Console | None = None) -> dict[str, Any]:
     """Metrics of the run's three models merged into run_dir/metrics.json, explanations and report.md.
 
     Args:
         run_dir: a run directory written by `run_pipeline` (until "finetune" or "evaluate").
         max_map_images: most test images for the map metrics (SID@5, plausibility); a seeded draw above it; None =
-            every test image (`evaluate.map_images`).
+            every test image; `FROM_RUN` (the default) = the run's `evaluate.map_images`.
         console: where progress goes (default: a plain console).
 
     Returns:
@@ -131,6 +132,10 @@ def evaluate_run(run_dir: Path, *, max_map_images: int | None = 1000,
     run_dir = Path(run_dir)
     console = console or Console(enabled=True)
     run = load_run(run_dir)
+    if max_map_images == FROM_RUN:
+        max_map_images = run.cfg.evaluate.map_images
+    elif isinstance(max_map_images, str):
+        raise ValueError(f"max_map_images must be a number, None or {FROM_RUN!r}, got {max_map_images!r}")
     keep = map_subset(len(run.test), max_map_images, run.cfg.runtime.seed)
     device = resolve_device(run.cfg.runtime)
     console.log(f"evaluate: accuracy on {len(run.test)} test images; SID@{SID_K}/plausibility on {keep.size} of them"
@@ -166,15 +171,29 @@ def evaluate_run(run_dir: Path, *, max_map_images: int | None = 1000,
     return metrics
 
 
+def _map_images(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dinoqpm-evaluate",
                                      description="Metrics, explanations and report.md of a finished run.")
     parser.add_argument("--run", required=True, type=Path, help="run directory written by the pipeline")
-    parser.add_argument("--max-map-images", type=int, default=1000,
-                        help="most test images for SID@5 and plausibility (seeded draw above it)")
+    parser.add_argument("--max-map-images", type=_map_images, default=None,
+                        help="most test images for SID@5 and plausibility (seeded draw above it), or 'all'; default: "
+                             "the run's evaluate.map_images")
     args = parser.parse_args(argv)
+    limit = FROM_RUN if args.max_map_images is None else None if args.max_map_images == "all" else args.max_map_images
     try:
-        metrics = evaluate_run(args.run, max_map_images=args.max_map_images)
+        metrics = evaluate_run(args.run, max_map_images=limit)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: Split
                  meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Fine-tune the whole adapter under the sparse head (CE + diversity + sparsity); returns (dir, metrics)."""
     key = content_key("finetune", {"finetune": to_dict(cfg), "seed": ctx.seed},
-                      {"dense": dense.key, "qp": selection.key})
+                      {"dense": dense.key, "select": selection.key})
 
     def build(tmp: Path) -> dict[str, Any]:
         seed_everything(ctx.seed)
@@ -53,6 +53,6 @@ def run_finetune(*, dense: DenseResult, selection: SelectionResult, train: Split
                 "train_accuracy": history[-1]["train_accuracy"] if history else 0.0}
 
     directory, manifest, _ = get_or_run(root, "finetune", key, build, config={"finetune": to_dict(cfg)},
-                                        upstream={"dense": dense.key, "qp": selection.key}, log=ctx.console.log)
+                                        upstream={"dense": dense.key, "select": selection.key}, log=ctx.console.log)
     drop_work_dir(root, "finetune", key)
     return directory, manifest.metrics

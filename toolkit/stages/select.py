@@ -1,4 +1,4 @@
-"""Stage `qp`: the QPM selection. A and R from the dense model's pooled train features, then `solve_qp`.
+"""Stage `select`: the QPM selection. A and R from the dense model's pooled train features, then `solve_qp`.
 
 DenseResult -> SelectionResult (the k selected features, the binary class x feature assignment and the solver's
 certificate). Solved once, on rank 0, and broadcast, so every rank fine-tunes the same model.
@@ -26,10 +26,10 @@ class SelectionResult:
     selection: Selection
 
 
-def run_selection(*, dense: DenseResult, n_classes: int, cfg: QPConfig, root: Path,
-                  ctx: TrainContext) -> SelectionResult:
+def run_select(*, dense: DenseResult, n_classes: int, cfg: QPConfig, root: Path,
+               ctx: TrainContext) -> SelectionResult:
     """Compute A and R from the dense model's pooled train features and solve the QPM problem."""
-    key = content_key("qp", to_dict(cfg), {"dense": dense.key})
+    key = content_key("select", to_dict(cfg), {"dense": dense.key})
 
     def build(tmp: Path) -> dict[str, Any]:
         # Solved once, on rank 0; the other ranks receive the same selection (one model on every rank).
@@ -45,7 +45,7 @@ def run_selection(*, dense: DenseResult, n_classes: int, cfg: QPConfig, root: Pa
         return {k: getattr(sel, k) for k in ("objective", "bound", "gap", "status", "seconds", "solver", "tau",
                                                "lazy_rounds")}
 
-    directory, manifest, _ = get_or_run(root, "qp", key, build, config=to_dict(cfg), upstream={"dense": dense.key},
-                                        log=ctx.console.log)
+    directory, manifest, _ = get_or_run(root, "select", key, build, config=to_dict(cfg),
+                                        upstream={"dense": dense.key}, log=ctx.console.log)
     selection = Selection.from_json((directory / "selection.json").read_text())
     return SelectionResult(directory, key, selection)

@@ -50,7 +50,7 @@ def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheCon
         barrier()
         t0 = time.perf_counter()
         n = extract_tokens(backbone, dataset, tmp, image_size=data.image_size,
-                           reference_minmax=data.reference_minmax, batch_size=backbone_cfg.batch_size,
+                           reference_minmax=data.minmax, batch_size=backbone_cfg.batch_size,
                            console=console, desc=f"backbone tokens ({split})", shard=(info.rank, info.world_size),
                            options=loader_options, preprocess=pre, mask_resize=data.mask_resize)
         seconds = time.perf_counter() - t0

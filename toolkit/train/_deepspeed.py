@@ -19,24 +19,24 @@ from toolkit.train.engine import make_optimizer, make_scheduler
 
 # Fields that always come from our config; a template that sets them to something else is an error.
 FILLED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# The template used when runtime.deepspeed_config is null, shipped in the package; copy it to start your own.
+DEFAULT_TEMPLATE = Path(__file__).with_name("ds_config.json")
 
 
 def deepspeed_config(cfg: TrainConfig, runtime: RuntimeConfig, *, precision: str) -> dict[str, Any]:
-    """The DeepSpeed config: the template (runtime.deepspeed_config) with batch, ZeRO and bf16 filled from ours."""
-    template: dict[str, Any] = {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
-                                "steps_per_print": 1_000_000, "wall_clock_breakdown": False}
-    if runtime.deepspeed_config:
-        path = Path(runtime.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError(f"config key 'runtime.deepspeed_config': {path} not found")
-        template = json.loads(path.read_text())
+    """The DeepSpeed config: the template (runtime.deepspeed_config, else `DEFAULT_TEMPLATE`) with batch, ZeRO and
+    bf16 filled from ours."""
+    path = Path(runtime.deepspeed_config) if runtime.deepspeed_config else DEFAULT_TEMPLATE
+    if not path.is_file():
+        raise ConfigError(f"config key 'runtime.deepspeed_config': {path} not found")
+    template: dict[str, Any] = json.loads(path.read_text())
     world = dist_info().world_size
     micro = cfg.batch_size // (world * runtime.grad_accum)
     filled = {"train_batch_size": cfg.batch_size, "train_micro_batch_size_per_gpu": micro,
               "gradient_accumulation_steps": runtime.grad_accum}
     for k in FILLED:
         if k in template and template[k] != filled[k]:
-            raise ConfigError(f"{runtime.deepspeed_config}: '{k}'={template[k]} disagrees with the run config "
+            raise ConfigError(f"{path}: '{k}'={template[k]} disagrees with the run config "
                               f"({filled[k]}); remove it from the JSON, it is filled from our config")
     out = {**template, **filled}
     out["zero_optimization"] = {**template.get("zero_optimization", {}), "stage": runtime.zero_stage}

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from toolkit.cache import TokenDataset, TokenStore
 from toolkit.config import TrainConfig
 from toolkit.console import Console
-from toolkit.distributed import DistInfo, dist_info, pause_for_test, set_rng_state
+from toolkit.distributed import DistInfo, dist_info, set_rng_state
 from toolkit.model import DinoQPM, LinearProbe, SparseHead, join_tokens
 from toolkit.train.engine import Engine
 from toolkit.train.losses import cross_entropy, total_loss
@@ -339,7 +339,6 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
             if checkpoint and every and stepped and done % every == 0 and step < n_micro:
                 checkpoint(engine, {"epoch": epoch, "step": step, "history": history, "optimizer_step": done},
                            {"partial": dict(sums)})
-                pause_for_test(name, done)
 
         restore = None
         if state and epoch == start and state.get("rng") is not None:
@@ -360,7 +359,6 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
         if checkpoint:
             done = (epoch + 1) * per_epoch
             checkpoint(engine, {"epoch": epoch + 1, "step": 0, "history": history, "optimizer_step": done}, {})
-            pause_for_test(name, done)
         if on_epoch is not None:
             on_epoch(name, history[-1])
     set_optimizer_mode(engine, train=False)  # schedule-free: the model now holds the averaged weights
