@@ -116,6 +116,8 @@ def service(tiny: dict) -> Service:
             raise
     assert code == 0, log.read_text()[-3000:]
     assert "stopping" in log.read_text()
+    with pytest.raises(requests.ConnectionError):  # Ray Serve's proxy went down with its Ray instance
+        requests.get(f"{url}/v2/health/live", timeout=10)
 
 
 @pytest.fixture(scope="module")
