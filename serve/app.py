@@ -66,6 +66,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"error": f"bad request to {request.url.path}: {exc.errors()}"}, status_code=400)
 
 
+@api.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    # A failure of the service itself (not of the request): still the protocol's error object, with a 500.
+    return JSONResponse({"error": f"internal error on {request.url.path}: {type(exc).__name__}: {exc}"},
+                        status_code=500)
+
+
 @api.exception_handler(ProtocolError)
 async def _protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=exc.status)

@@ -6,7 +6,8 @@
 
 Prints `ready: http://HOST:PORT/ ...` once every replica has opened its session, then serves until SIGTERM or
 SIGINT, when it shuts Ray Serve and its Ray instance down and exits 0. Exit status 2: a usage error (no model file,
-a file without the dinoqpm metadata, impossible replica settings). For a cluster use `serve deploy` with a config
+a file without the dinoqpm metadata, --provider cuda without CUDA, impossible replica settings); 1: a replica failed
+to start (its error is printed). For a cluster use `serve deploy` with a config
 like serve/cluster.yaml instead (docs/serving.md).
 """
 
@@ -75,9 +76,20 @@ def _check_model(path: Path) -> None:
         raise ValueError(f"{path} lacks the dinoqpm metadata; export it with export/to_onnx.py")
 
 
+def _check_provider(provider: str) -> None:
+    # Before Ray starts: a replica asking for a GPU that no one has would wait to be scheduled forever.
+    import onnxruntime as ort
+
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ValueError(f"--provider cuda: this onnxruntime {ort.__version__} build has no CUDA execution provider "
+                         f"(available: {', '.join(ort.get_available_providers())}); install the gpu extra "
+                         "(onnxruntime-gpu) or use --provider cpu")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check_provider(args.provider)
         _check_model(args.model)
         options = _deployment_options(args)
     except ValueError as e:
@@ -100,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           provider=args.provider, max_batch_size=args.max_batch_size,
                           batch_wait_ms=args.batch_wait_ms, max_body_mb=args.max_body_mb,
                           max_image_pixels=args.max_image_pixels)
-        serve.run(app, name="dinoqpm", route_prefix="/")
+        try:
+            serve.run(app, name="dinoqpm", route_prefix="/")
+        except RuntimeError as e:  # a replica failed in __init__ (e.g. CUDA did not load): Ray says why
+            print(f"error: the service did not start: {e}", file=sys.stderr)
+            return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         name = args.name or args.model.stem
