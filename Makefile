@@ -30,7 +30,7 @@ test: install data
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check toolkit launch tune export tests benchmarks
+	$(BIN)/ruff check toolkit launch tune export serve tests benchmarks
 
 clean:
 	rm -rf $(VENV)
