@@ -1,5 +1,6 @@
-"""The service as a user runs it: `dinoqpm-serve` (python -m serve.cli) in its own process with its own Ray instance,
-started once for this module on a free port, driven by the stock `tritonclient.http`, plain HTTP and a real browser.
+"""The service as a user runs it: `dinoqpm-serve` (or `python -m serve.cli`) in its own process with its own Ray
+instance, started once for this module (the only one that needs it) on a free port, driven by the stock
+`tritonclient.http`, plain HTTP and a real browser.
 
 Every output is compared with an in-process ONNX Runtime session on the same input, the image endpoint with
 export/predict.py on the same files; every bad input is refused with a 4xx naming the problem and the next good
@@ -36,6 +37,9 @@ from toolkit.config import load_config
 th = pytest.importorskip("tritonclient.http")
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT = ROOT / "export" / "predict.py"
+# The console script where this environment has it installed (pip install -e .), else the same entry point.
+_SCRIPT = Path(sys.executable).parent / "dinoqpm-serve"
+SERVE_COMMAND = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "serve.cli"]
 START_GUARD_S = 600  # a hang guard, not a speed limit: Ray's start takes ~20 s on 2 busy cores
 MAX_BODY_MB, MAX_PIXELS = 1, 500_000
 pytestmark = pytest.mark.slow
@@ -90,7 +94,7 @@ def service(tiny: dict) -> Service:
     log = tiny["tmp"] / "serve.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "--model", str(tiny["model"]), "--port", str(port),
+        proc = subprocess.Popen([*SERVE_COMMAND, "--model", str(tiny["model"]), "--port", str(port),
                                  "--max-batch-size", "4", "--batch-wait-ms", "20", "--max-body-mb", str(MAX_BODY_MB),
                                  "--max-image-pixels", str(MAX_PIXELS)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=tiny["tmp"], env=env)
