@@ -36,7 +36,7 @@ test-fast: install data
 	$(BIN)/python -m pytest -q -m "not slow and not distributed and not gpu"
 
 lint: install
-	$(BIN)/ruff check toolkit launch tune export tests benchmarks
+	$(BIN)/ruff check toolkit launch tune export serve tests benchmarks
 
 clean:
 	rm -rf $(VENV)

@@ -64,12 +64,18 @@ class PredictError(Exception):
 # ----------------------------------------------------------------------------------------------- session, metadata
 
 
-def open_session(model: Path, provider: str) -> ort.InferenceSession:
-    """An ONNX Runtime session on `provider` ("cpu" or "cuda"); CUDA that does not really load is an error."""
+def open_session(model: Path, provider: str, *, threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session on `provider` ("cpu" or "cuda"); CUDA that does not really load is an error.
+
+    `threads` sets the intra-op pool (and one inter-op thread): ONNX Runtime ignores OMP_NUM_THREADS and otherwise
+    takes every physical core, which several processes sharing a machine (a service's replicas) must not do.
+    """
     if not model.is_file():
         raise PredictError(f"model file {model} does not exist")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = max(1, int(threads)), 1
     if provider == "cpu":
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     available = ort.get_available_providers()
@@ -198,44 +204,59 @@ def blend(base: np.ndarray, rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.clip(out.round(), 0, 255).astype(np.uint8)
 
 
-def render(picture: Image.Image, maps: np.ndarray, pred: dict[str, Any], name: str, path: Path) -> tuple[int, int]:
-    """One PNG: input | one overlay per feature of the predicted class | all combined. Returns its (width, height).
+def panels(picture: Image.Image, maps: np.ndarray, pred: dict[str, Any]) -> list[tuple[str, str, np.ndarray]]:
+    """The panels of one image: input, one overlay per feature of the predicted class, all combined.
 
     Args:
         picture: the input image.
         maps: (k, h, w) graph output for this image.
         pred: `explain_one`'s result (its features give the panel order).
-        name: shown in the header.
-        path: where the PNG goes.
+
+    Returns:
+        (title, subtitle, (DISPLAY_PX, W, 3) uint8 image) per panel.
     """
     h, w = maps.shape[1:]
     size = (DISPLAY_PX, max(1, round(DISPLAY_PX * w / h)))  # the model's aspect ratio
     base = np.asarray(picture.resize((size[1], size[0]), Image.BICUBIC))
     ups = [upsample(maps[f["feature"]], size) for f in pred["features"]]
     norms = [normalise(u) for u in ups]
-    panels = [("input", "", base)]
+    out = [("input", "", base)]
     for f, n in zip(pred["features"], norms):
-        panels.append((f"f{f['feature']} (ch {f['channel']})", f"{f['contribution']:+.2f}",
+        out.append((f"f{f['feature']} (ch {f['channel']})", f"{f['contribution']:+.2f}",
                        blend(base, jet(n), MAX_ALPHA * n)))
     if norms:
         stack = np.stack(norms)
         top, strength = stack.argmax(axis=0), stack.max(axis=0)
         colours = _TAB10[np.arange(len(norms)) % len(_TAB10)] / 255.0
         alpha = np.where(strength >= COMBINED_THRESHOLD, 0.8 * strength, 0.0)
-        panels.append(("combined", "(colours: title)", blend(base, colours[top], alpha)))
+        out.append(("combined", "(colours: title)", blend(base, colours[top], alpha)))
+    return out
+
+
+def compose(picture: Image.Image, maps: np.ndarray, pred: dict[str, Any], name: str) -> Image.Image:
+    """`panels` side by side under a header naming the prediction (`name` is shown in it)."""
+    panels_ = panels(picture, maps, pred)
+    n_maps = len(panels_) - 2 if len(panels_) > 1 else 0
+    size = panels_[0][2].shape[:2]
     pad = 6
-    width = len(panels) * (size[1] + pad) + pad
+    width = len(panels_) * (size[1] + pad) + pad
     canvas = Image.new("RGB", (width, HEADER_PX + TITLE_PX + size[0] + pad), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     draw.text((pad, 6), f"{name}: {pred['predicted_name']} (p = {pred['probability']:.2f}), logit "
                         f"{pred['logit']:+.2f} = sum of {len(pred['features'])} contributions", fill="black", font=font)
-    for i, (title, sub, arr) in enumerate(panels):
+    for i, (title, sub, arr) in enumerate(panels_):
         x = pad + i * (size[1] + pad)
-        colour = tuple(int(v) for v in _TAB10[(i - 1) % len(_TAB10)]) if 0 < i <= len(norms) else (0, 0, 0)
+        colour = tuple(int(v) for v in _TAB10[(i - 1) % len(_TAB10)]) if 0 < i <= n_maps else (0, 0, 0)
         draw.text((x, HEADER_PX), title, fill=colour, font=font)
         draw.text((x, HEADER_PX + 14), sub, fill=colour, font=font)
         canvas.paste(Image.fromarray(arr), (x, HEADER_PX + TITLE_PX))
+    return canvas
+
+
+def render(picture: Image.Image, maps: np.ndarray, pred: dict[str, Any], name: str, path: Path) -> tuple[int, int]:
+    """`compose` saved as one PNG at `path`. Returns its (width, height)."""
+    canvas = compose(picture, maps, pred, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
     return canvas.size
@@ -274,48 +295,54 @@ def read_batch(paths: Sequence[Path], names: Sequence[str], failed: list[dict[st
 
 # ------------------------------------------------------------------------------------------------------------- page
 
-_PAGE_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:0 auto;padding:0 16px 24px;color:#222}"
+PAGE_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:0 auto;padding:0 16px 24px;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 6px;font-size:13px}"
              "th{background:#f4f4f4}.card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;margin:10px 0}"
              ".num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}.muted{color:#666}"
              ".failed{color:#c0392b}")
+CONTRIBUTION_NOTE = ("Contribution of feature j to the logit of the predicted class c: W_cj (f_j − μ_j)/σ_j "
+                     "(W binary); the contributions add up to the logit.")
+
+
+def card(i: int, p: dict[str, Any]) -> str:
+    """One image's card of the page: its overlay PNG (`p["png"]`, a file name or a data URL), top-k classes and the
+    predicted class's feature contributions. `p` is a record of `predictions.json`."""
+    esc = html.escape
+    top = "".join(f'<tr><td>{esc(t["name"])}</td><td class="num">{t["probability"]:.3f}</td>'
+                  f'<td class="num">{t["logit"]:+.3f}</td></tr>' for t in p["top_k"])
+    feats = "".join(f'<tr><td>f{f["feature"]}</td><td class="num">{f["channel"]}</td>'
+                    f'<td class="num">{f["activation"]:.3f}</td><td class="num">{f["mean"]:.3f}</td>'
+                    f'<td class="num">{f["std"]:.3f}</td><td class="num">{f["contribution"]:+.3f}</td></tr>'
+                    for f in p["features"])
+    return (f'<div class="card" id="img-{i}"><h2>{esc(Path(p["image"]).name)}: {esc(p["predicted_name"])} '
+            f'(p = {p["probability"]:.3f})</h2><p class="muted">{esc(p["image"])}; logit {p["logit"]:+.3f} = '
+            f'sum of {len(p["features"])} contributions (residual {p["residual"]:.1e}).</p>'
+            f'<img src="{esc(p["png"], quote=True)}" alt="{esc(p["image"], quote=True)}">'
+            '<div style="display:flex;gap:16px;align-items:flex-start;margin-top:6px">'
+            '<table><tr><th>class</th><th>probability</th>'
+            f'<th>logit</th></tr>{top}</table><table><tr><th>feature</th>'
+            "<th>channel</th><th>activation f</th><th>μ</th><th>σ</th><th>contribution</th></tr>"
+            f"{feats}</table></div></div>")
 
 
 def write_page(result: dict[str, Any], path: Path) -> Path:
-    """`predictions.html`: one card per image (its overlay PNG, top-k classes, the predicted class's feature
-    contributions) and the images that could not be read, with their reasons. Self-contained: the PNGs are files
-    beside it, no script, no network."""
+    """`predictions.html`: one `card` per image and the images that could not be read, with their reasons.
+    Self-contained: the PNGs are files beside it, no script, no network."""
     esc = html.escape
     preds, failed = result["predictions"], result.get("failed", [])
     nav = "".join(f'<li><a href="#img-{i}">{esc(Path(p["image"]).name)}</a>: {esc(p["predicted_name"])} '
                   f'(p = {p["probability"]:.3f})</li>' for i, p in enumerate(preds))
     body = [f"<h1>DINO-QPM predictions ({len(preds)} images)</h1>",
             f'<p class="muted">Model {esc(Path(result["model"]).name)}, {esc(str(result.get("precision")))}, input '
-            f'{result["image_size"][0]}x{result["image_size"][1]}, {esc(result["providers"][0])}. Contribution of '
-            "feature j to the logit of the predicted class c: W_cj (f_j − μ_j)/σ_j (W binary); the contributions "
-            'add up to the logit. Also in <a href="predictions.json">predictions.json</a>.</p>', f"<ul>{nav}</ul>"]
+            f'{result["image_size"][0]}x{result["image_size"][1]}, {esc(result["providers"][0])}. {CONTRIBUTION_NOTE} '
+            'Also in <a href="predictions.json">predictions.json</a>.</p>', f"<ul>{nav}</ul>"]
     if failed:
         body.append(f'<h2 id="failed" class="failed">Could not be read ({len(failed)})</h2><ul>'
                     + "".join(f'<li class="failed">{esc(f["error"])}</li>' for f in failed)
                     + "</ul>")
-    for i, p in enumerate(preds):
-        top = "".join(f'<tr><td>{esc(t["name"])}</td><td class="num">{t["probability"]:.3f}</td>'
-                      f'<td class="num">{t["logit"]:+.3f}</td></tr>' for t in p["top_k"])
-        feats = "".join(f'<tr><td>f{f["feature"]}</td><td class="num">{f["channel"]}</td>'
-                        f'<td class="num">{f["activation"]:.3f}</td><td class="num">{f["mean"]:.3f}</td>'
-                        f'<td class="num">{f["std"]:.3f}</td><td class="num">{f["contribution"]:+.3f}</td></tr>'
-                        for f in p["features"])
-        body.append(f'<div class="card" id="img-{i}"><h2>{esc(Path(p["image"]).name)}: {esc(p["predicted_name"])} '
-                    f'(p = {p["probability"]:.3f})</h2><p class="muted">{esc(p["image"])}; logit {p["logit"]:+.3f} = '
-                    f'sum of {len(p["features"])} contributions (residual {p["residual"]:.1e}).</p>'
-                    f'<img src="{esc(p["png"], quote=True)}" alt="{esc(p["image"], quote=True)}">'
-                    '<div style="display:flex;gap:16px;align-items:flex-start;margin-top:6px">'
-                    '<table><tr><th>class</th><th>probability</th>'
-                    f'<th>logit</th></tr>{top}</table><table><tr><th>feature</th>'
-                    "<th>channel</th><th>activation f</th><th>μ</th><th>σ</th><th>contribution</th></tr>"
-                    f"{feats}</table></div></div>")
+    body += [card(i, p) for i, p in enumerate(preds)]
     page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>DINO-QPM predictions</title>'
-            f"<style>{_PAGE_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{PAGE_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     path.write_text(page, encoding="utf-8")
     return path
 

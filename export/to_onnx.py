@@ -13,7 +13,8 @@ rank agreement of the predicted class's contributions and accuracy drop within `
 status: 0 written, 1 a gate failed (nothing written), 2 usage error. `--force` overwrites --out and writes even a
 failed export, with a warning. Options left out come from the run's `export` config section; `--int8-option
 KEY=VALUE` overrides one `export.int8_KEY` for this export. `--no-unfolded-report` skips the second export that
-measures the unfolded graph for the size report.
+measures the unfolded graph for the size report. `--triton-repo DIR` also lays the written model out as a Triton
+model repository `DIR/<--out's stem>/` (config.pbtxt, 1/model.onnx, labels.txt; export/_triton.py, docs/serving.md).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from export._build import ExportError, ParityError, export_run
+from export._triton import write_triton_repo
 from toolkit.config import parse_value
 
 
@@ -58,7 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-unfolded-report", action="store_true",
                         help="skip exporting the unfolded graph, which only serves the before/after size report "
                              "(saves one export; parameter counts are still reported)")
+    parser.add_argument("--triton-repo", type=Path, metavar="DIR",
+                        help="also write a Triton model repository DIR/<name>/ for the model (<name>: --out's stem)")
     args = parser.parse_args(argv)
+    if args.triton_repo and (args.triton_repo / args.out.stem).exists() and not args.force:
+        print(f"error: {args.triton_repo / args.out.stem} exists already; pass --force to replace it or choose another "
+              "--triton-repo", file=sys.stderr)
+        return 2
     try:
         result = export_run(args.run, args.out, opset=args.opset,
                             image_size=tuple(args.image_size) if args.image_size else None,
@@ -74,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.forced:
         print("WARNING: a gate FAILED and --force wrote the model anyway; its outputs differ from the trained "
               f"model's (dinoqpm.parity / dinoqpm.int8_gate in {result.path} record the numbers)", file=sys.stderr)
+    if args.triton_repo:
+        folder = write_triton_repo(result.path, args.triton_repo, force=args.force)
+        print(f"wrote the Triton model repository {folder} (config.pbtxt, 1/model.onnx, labels.txt)")
     return 0
 
 

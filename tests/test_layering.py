@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Top-level modules and packages of toolkit, from the foundation up; imports flow from later to earlier entries.
 ORDER = ["config", "files", "distributed", "console", "fingerprint", "artifacts", "data", "model", "cache", "train",
          "qp", "metrics", "runs", "explain", "stages", "pipeline"]
-APPS = ("launch", "tune", "export")
+APPS = ("launch", "tune", "export", "serve")
 
 
 def _imports(path: Path) -> list[str]:
@@ -70,3 +70,15 @@ def test_layering_check_fails_on_a_library_importing_a_stage(tmp_path: Path) -> 
     assert any("toolkit.model imports toolkit.stages" in v for v in found), found
     assert any("entry point launch.train" in v for v in found), found
     assert not any("good.py" in v for v in found), found
+
+
+def test_the_service_is_torch_free() -> None:
+    # serve/ runs where only the exported graph is deployed: it may use export's torch-free modules (predict.py's
+    # session, preprocessing and drawing; the metadata reader) and nothing that pulls in torch.
+    heavy = ("torch", "torchvision", "timm", "deepspeed", "toolkit")
+    allowed_export = {"export.predict", "export._metadata"}
+    found = [f"serve/{p.name}: {name}" for p in sorted((ROOT / "serve").glob("*.py")) for name in _imports(p)
+             if name.split(".")[0] in heavy or (name.startswith("export") and name not in allowed_export)]
+    found += [f"export/{m}.py: {name}" for m in ("predict", "_metadata", "_triton")
+              for name in _imports(ROOT / "export" / f"{m}.py") if name.split(".")[0] in heavy]
+    assert found == []

@@ -26,7 +26,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wheel = next((tmp / "wheel").glob("*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("toolkit/pipeline.py", "launch/train.py", "toolkit/train/ds_config.json",
-                   "tune/spaces/default.yaml", "export/predict.py"):
+                   "tune/spaces/default.yaml", "export/predict.py", "serve/app.py", "serve/cluster.yaml"):
         assert needed in names, f"{needed} is missing from {wheel.name}"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target",
                     str(tmp / "site"), str(wheel)], check=True)
