@@ -32,7 +32,8 @@ def test_cpu_smoke_runs_every_section(tmp_path: Path) -> None:
     assert "# done: 5 of 5 sections ran" in text
     assert re.search(r"token extraction\s+[\d.]+\s+[\d.]+\s+[\d.]+x", text)
     assert re.search(r"step [\d.]+ ms, [\d.]+ TFLOP/s achieved", text)
-    assert re.search(r"accuracy: linear_probe [\d.]+, dense [\d.]+, qpm [\d.]+", text)
+    assert re.search(r"accuracy \(validation / test\): linear_probe [\d.]+ / [\d.]+, dense [\d.]+ / [\d.]+, "
+                     r"dino_qpm [\d.]+ / [\d.]+", text)
     for precision in ("fp32", "fp16"):
         for batch in (1, 2):
             assert re.search(rf"{precision}\s+{batch}\s+[\d.]+\s+[\d.]+\s+[\d.]+x", text), (precision, batch)
