@@ -480,6 +480,10 @@ def _type_words(err: ErrorDetails) -> str | None:
             "finite_number": "a finite number"}.get(err["type"])
 
 
+# Keys that moved: an old config names the new place in its error.
+MOVED = {"probe_dinov2.val_fraction": "data.val_fraction"}
+
+
 def _describe(err: ErrorDetails, root: type[BaseModel], prefix: tuple[str, ...]) -> tuple[str, str]:
     """(dotted key, message) for one pydantic error."""
     loc = prefix + tuple(str(p) for p in err["loc"])
@@ -492,6 +496,8 @@ def _describe(err: ErrorDetails, root: type[BaseModel], prefix: tuple[str, ...])
         close = difflib.get_close_matches(loc[-1], names, n=1)
         where = ".".join(loc[:-1])
         hint = f" Did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+        if key in MOVED:
+            hint = f" It moved to '{MOVED[key]}'."
         return key, f"unknown config key '{key}'.{hint} Allowed keys here: {', '.join(names)}"
     if err["type"] == "value_error" and isinstance(ctx.get("error"), _Invalid):
         inner: _Invalid = ctx["error"]
@@ -727,6 +733,8 @@ def _field(key: str) -> FieldInfo:
             where = ".".join(parts[:i])
             close = difflib.get_close_matches(part, names, n=1)
             hint = f" Did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+            if key in MOVED:
+                hint = f" It moved to '{MOVED[key]}'."
             raise ConfigError(f"unknown config key '{key}'.{hint} Allowed keys here: {', '.join(names)}", key=key)
         info = cls.model_fields[part]
         tp = info.annotation
