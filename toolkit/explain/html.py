@@ -178,7 +178,8 @@ def _metrics_section(metrics: dict[str, Any], classes: Sequence[str]) -> list[st
         out.append(f" DINOv2-protocol probe: CLS of the last {escape(str(p2.get('n_blocks')))} block(s)"
                    + (" + average patch token" if p2.get("avgpool") else "")
                    + f", lr {escape(str(p2.get('lr')))}, chosen on "
-                   + escape(str(p2.get("chosen_on", "the validation split"))) + ".")
+                   + escape(str(p2.get("chosen_on", "the validation split")))
+                   + "; its validation accuracy is the best of the heads it chose among, so it reads high.")
     if ev:
         out.append(f" Accuracy on all {ev.get('test_images')} test images"
                    + (f" and {ev.get('val_images')} validation images" if ev.get("val_images") else "")
