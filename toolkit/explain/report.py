@@ -282,8 +282,8 @@ def write_report(run_dir: Path, metrics: dict[str, Any], views: dict[str, Any]) 
     if p2:
         lines += ["", f"DINOv2-protocol probe: CLS of the last {p2.get('n_blocks')} block(s)"
                   + (" + average patch token" if p2.get("avgpool") else "") + f", lr {p2.get('lr')}, chosen on "
-                  f"{p2.get('chosen_on', 'the validation split')}; its validation accuracy is the best of the heads it chose "
-                  "among, so it reads high (docs/method.md#baselines)."]
+                  f"{p2.get('chosen_on', 'the validation split')}; its validation accuracy is the best of the heads "
+                  "it chose among, so it reads high (docs/method.md#baselines)."]
     qp = metrics.get("qp_certificate", {})
     formats = {"objective": "{:.6g}", "bound": "{:.6g}", "gap": "{:.3%}", "seconds": "{:.2f}"}
     cert = ", ".join(f"{k} " + (formats[k].format(qp[k]) if k in formats and isinstance(qp[k], (int, float))
