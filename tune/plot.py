@@ -12,6 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import blended_transform_factory
 
 from tune.results import ACCURACY, Objective, TrialRow
 from tune.trial import SCHEDULER_METRIC
@@ -34,8 +35,8 @@ def draw_sweep(rows: list[TrialRow], *, front: set[str], chosen: str | None, int
     """Write the sweep's plot to `path` (PNG) and return it.
 
     Left: completed trials at (interpretability, validation accuracy); the front as a step line, the chosen trial as
-    a star. Right: stopped trials at the validation accuracy of their last fine-tune epoch, failed trials at the
-    bottom (they have no accuracy). Points are labelled with the trial's index (the id's suffix).
+    a star. Right: stopped trials at the validation accuracy of their last fine-tune epoch, failed trials on the
+    panel's floor (they have no accuracy). Points are labelled with the trial's index (the id's suffix).
     """
     fig = Figure(figsize=(9.5, 5.2), dpi=110, layout="constrained")
     ax, side = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [5, 1.3]})
@@ -73,24 +74,27 @@ def draw_sweep(rows: list[TrialRow], *, front: set[str], chosen: str | None, int
     failed = [r for r in rows if r.status == "failed"]
     ys = [r.get(ACCURACY.key) for r in ok] + [r.get(SCHEDULER_METRIC) for r in stopped
                                               if r.get(SCHEDULER_METRIC) is not None]
-    floor = min(ys, default=0.0) - 0.05
+    if ys:  # shared by both panels: every point with an accuracy inside, with room for the labels above them
+        ax.set_ylim(min(ys) - 0.05, max(ys) + 0.06)
+    # Trials without an accuracy (failed ones; stopped before their first report) sit on the panel's floor, drawn
+    # in axes coordinates so that they cannot be read as an accuracy.
+    floor = blended_transform_factory(side.transData, side.transAxes)
     s_pts: dict[tuple[float, float], list[str]] = defaultdict(list)
+    s_none: list[str] = []
     for r in stopped:
         y = r.get(SCHEDULER_METRIC)
-        s_pts[(0.0, y if y is not None else floor)].append(_short(r.trial_id))
-    f_pts: dict[tuple[float, float], list[str]] = defaultdict(list)
-    for r in failed:
-        f_pts[(1.0, floor)].append(_short(r.trial_id))
+        (s_pts[(0.0, y)] if y is not None else s_none).append(_short(r.trial_id))
     if s_pts:
         side.scatter([0.0] * len(s_pts), [p[1] for p in s_pts], marker="v", s=60, color=_STOPPED,
-                     label="stopped (last epoch's validation accuracy)", zorder=3)
+                     label="stopped by ASHA (at its last epoch's validation accuracy)", zorder=3)
         _label(side, s_pts, _STOPPED)
-    if f_pts:
-        side.scatter([1.0], [floor], marker="X", s=70, color=_FAILED, label="failed (no accuracy)", zorder=3)
-        _label(side, f_pts, _FAILED)
-    drawn = ys + ([floor] if f_pts or any(r.get(SCHEDULER_METRIC) is None for r in stopped) else [])
-    if drawn:  # shared by both panels: every point inside, with room for the labels above them
-        ax.set_ylim(min(drawn) - 0.05, max(drawn) + 0.06)
+    for x, ids, color, marker in ((0.0, s_none, _STOPPED, "v"), (1.0, [_short(r.trial_id) for r in failed],
+                                                                _FAILED, "X")):
+        if ids:
+            side.scatter([x], [0.04], marker=marker, s=70, color=color, transform=floor, zorder=3, clip_on=False,
+                         label="failed (no accuracy; reason in trials.csv)" if color == _FAILED else None)
+            side.annotate(",".join(ids), (x, 0.04), xycoords=floor, textcoords="offset points", xytext=(6, 5),
+                          fontsize=8, color=color)
     side.set_xlim(-0.6, 1.9)
     side.set_xticks([0, 1], [f"stopped\n({len(stopped)})", f"failed\n({len(failed)})"])
     side.set_title("did not finish", fontsize=10)
@@ -98,7 +102,8 @@ def draw_sweep(rows: list[TrialRow], *, front: set[str], chosen: str | None, int
     handles = [h for a in (ax, side) for h in a.get_legend_handles_labels()[0]]
     labels = [lab for a in (ax, side) for lab in a.get_legend_handles_labels()[1]]
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 2), fontsize=8,
+                   frameon=False)
     fig.suptitle("sweep: chosen on validation (test metrics are in trials.csv, for reading only)", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
