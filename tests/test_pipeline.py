@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from toolkit.config import load_config, replace
+from toolkit.data import SPLITS
 from toolkit.model import DinoQPM, SparseHead, load_checkpoint
 from toolkit.pipeline import config_hash, run_dir_for, run_pipeline
 
@@ -131,8 +132,8 @@ def test_val_fraction_zero_holds_out_nothing_says_so_and_shares_the_token_stores
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*tiny_overrides, "data.val_fraction=0", "dense.epochs=1"])
     run = run_pipeline(cfg, until="dense")
     assert run.backbone_builds == 0  # the validation rows are rows of the same train store
-    assert {s: run.stages[f"tokens_{s}"]["key"] for s in ("train", "test")} == \
-        {s: held.stages[f"tokens_{s}"]["key"] for s in ("train", "test")}
+    assert {s: run.stages[f"tokens_{s}"]["key"] for s in SPLITS} == \
+        {s: held.stages[f"tokens_{s}"]["key"] for s in SPLITS}
     assert run.metrics["validation"]["held_out"] is False and run.metrics["validation"]["n_fit"] == 40
     assert run.metrics["dense"]["val"] is None and run.metrics["dense"]["test"]["accuracy"] is not None
     log = (run.run_dir / "log.txt").read_text()

@@ -17,6 +17,7 @@ from rich.console import Console
 
 import tune.runner as runner
 from toolkit.config import ConfigError, load_config, replace, save_config
+from toolkit.data import SPLITS
 from toolkit.data.readers import SyntheticDataset
 from tune import results as res
 from tune.plot import draw_sweep
@@ -31,7 +32,7 @@ SWEPT = ("finetune.l1_maps", "finetune.lr")
 def _imagefolder(root: Path, *, rotate_test: bool, classes: int = 4, per_class: int = 10) -> Path:
     """The synthetic shapes as an ImageFolder tree; with `rotate_test` every test image of class c is filed under
     class c + 1 (mod C): the same pixels, wrong labels."""
-    for split in ("train", "test"):
+    for split in SPLITS:
         ds = SyntheticDataset(num_classes=classes, per_class=per_class, seed=0, split=split, size=56)
         for i in range(len(ds)):
             image, label, _ = ds[i]

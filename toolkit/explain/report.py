@@ -31,7 +31,7 @@ MAX_CLASS_CONTRASTS = 30  # class cards with a contrast figure (the most confuse
 # What every reported metric measures and which direction is better (docs/method.md#metrics): report.md,
 # report.html and the evaluate CLI print these, so no number appears without its meaning.
 METRIC_INFO: dict[str, tuple[str, str]] = {
-    "accuracy": ("higher", "share of test images whose top-1 class is right"),
+    "accuracy": ("higher", "share of the split's images (validation or test) whose top-1 class is right"),
     "sid_at_5": ("higher", "spatial diversity of the predicted class's 5 feature maps on the image (1/5 .. 1)"),
     "class_independence": ("higher", "how little any single class owns a feature's activation mass (train split)"),
     "contrastiveness": ("higher", "how cleanly each feature separates 'off' from 'on' (1 − overlap of a 2-Gaussian "
