@@ -139,3 +139,14 @@ def test_val_fraction_zero_holds_out_nothing_says_so_and_shares_the_token_stores
     log = (run.run_dir / "log.txt").read_text()
     assert "nothing held out (data.val_fraction=0)" in log
     assert "accuracy (test; nothing held out for validation): linear_probe" in log
+
+
+def test_live_mode_trains_on_the_fit_rows_and_scores_validation(tiny_overrides: list[str]) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*tiny_overrides, "cache.mode=live", "probe.epochs=1",
+                                                        "dense.epochs=1", "finetune.epochs=1"])
+    run = run_pipeline(cfg, until="finetune")
+    assert run.metrics["validation"]["n_val"] == 8 and run.metrics["validation"]["n_fit"] == 32
+    for model in ("linear_probe", "dense", "dino_qpm"):
+        assert 0.0 <= run.metrics[model]["val"]["accuracy"] <= 1.0
+    history = json.loads((Path(run.stages["finetune"]["directory"]) / "history.json").read_text())
+    assert "val_accuracy" in history[-1]  # every epoch ends with the validation accuracy
