@@ -105,6 +105,8 @@ def test_trial_config_gives_each_trial_its_own_run_dir_and_raises_when_impossibl
                         "x").runtime.engine == "deepspeed"
     with pytest.raises(ConfigError, match="qp.n_per_class"):
         trial_config(setup, {"qp.n_per_class": 9}, "abc_00002")
+    with pytest.raises(ConfigError, match="needs a validation split"):
+        trial_config(setup, {"data.val_fraction": 0.0}, "abc_00003")
 
 
 def test_epoch_reporter_counts_trained_stages_and_reports_finetune_epochs_with_checkpoints(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ try:  # the base class of Tune callbacks; without Ray the sweep cannot run, but 
 except ImportError:  # pragma: no cover
     _TuneCallback = object  # type: ignore[assignment,misc]
 
-from toolkit.config import RunConfig, replace
+from toolkit.config import ConfigError, RunConfig, replace
 from toolkit.data import EVAL_SPLITS
 from tune.space import overrides_of
 
@@ -91,7 +91,11 @@ def trial_config(setup: TrialSetup, sample: dict[str, Any], trial_id: str) -> Ru
                  f"runtime.run_name=trial-{trial_id}", "runtime.progress=false"]
     if setup.workers > 1 and setup.base.runtime.engine == "auto":
         overrides.append("runtime.engine=deepspeed")  # the same engine as `deepspeed launch/train.py`
-    return replace(setup.base, overrides)
+    cfg = replace(setup.base, overrides)
+    if cfg.data.val_fraction == 0:  # a sampled data.val_fraction: the sweep itself refuses a base without one
+        raise ConfigError("config key 'data.val_fraction': a sweep trial needs a validation split to be ranked on; "
+                          "sample values > 0")
+    return cfg
 
 
 def backbone_passes(run_dir: Path) -> int:
