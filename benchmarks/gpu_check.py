@@ -184,8 +184,11 @@ def full_run(smoke: bool, work: Path) -> tuple[list[Row], Path]:
                        f"{manifest.get('precision')}"),
              ("wall time", f"{wall:.1f} s"),
              ("stage seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())),
-             ("accuracy", ", ".join(f"{m} {metrics[m]['accuracy']:.4f}" for m in ("linear_probe", "dense", "qpm"))),
-             ("qpm accuracy before fine-tuning", f"{metrics['qpm']['accuracy_before_finetune']:.4f}")], run)
+             ("accuracy (validation / test)", ", ".join(
+                 f"{m} {metrics[m]['val']['accuracy']:.4f} / {metrics[m]['test']['accuracy']:.4f}"
+                 for m in ("linear_probe", "dense", "dino_qpm"))),
+             ("dino_qpm test accuracy before fine-tuning",
+              f"{metrics['dino_qpm']['test']['accuracy_before_finetune']:.4f}")], run)
 
 
 def exporter() -> Path:

@@ -25,8 +25,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.data import SPLITS
 from tune.runner import SweepOptions, _init_ray, prepare, run_sweep
-from tune.trial import SPLITS, TrialSetup, run_trial
+from tune.trial import TrialSetup, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 # Varies only what comes after the dense model (fine-tune and QP settings), like tune/spaces/default.yaml.

@@ -91,7 +91,7 @@ def test_fashion_mnist_config_shows_no_synthetic_only_keys(tmp_path: Path) -> No
     # Synthetic runs get their defaults; switching a synthetic config to a real dataset drops its synthetic keys.
     assert RunConfig(data=DataConfig(dataset="synthetic")).data.num_classes == 3
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
-    assert tiny.data.num_classes == 4 and to_dict(tiny)["data"]["synthetic_size"] == 8
+    assert tiny.data.num_classes == 4 and to_dict(tiny)["data"]["synthetic_size"] == 10
     real = replace(tiny, ["data.dataset=fashion_mnist"])
     assert real.data.num_classes is None and "num_classes" not in to_dict(real)["data"]
 
@@ -252,3 +252,12 @@ def test_check_key_and_check_value_are_the_config_validator() -> None:
         check_value("data.image_size", 100)
     with pytest.raises(ConfigError, match=r"config key 'qp\.n_features': expected an integer"):
         check_value("qp.n_features", 0.5, constraints=False)
+
+
+def test_a_moved_key_names_its_new_place_and_val_fraction_is_checked() -> None:
+    with pytest.raises(ConfigError, match="It moved to 'data.val_fraction'"):
+        load_config(None, ["probe_dinov2.val_fraction=0.2"])
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        load_config(None, ["data.val_fraction=1.0"])
+    assert load_config(None).data.val_fraction == 0.1
+    assert load_config(None, ["data.val_fraction=0"]).data.val_fraction == 0

@@ -199,7 +199,7 @@ def _compare(a: tuple[dict, dict], b: tuple[dict, dict], label: str) -> float:
     """Max weight difference; prints it with the three accuracies of each run, asserts equal accuracies."""
     (ma, wa), (mb, wb) = a, b
     diff = _max_diff(wa, wb)
-    accs = {m: (ma[m]["accuracy"], mb[m]["accuracy"]) for m in ("linear_probe", "dense", "qpm")}
+    accs = {m: (ma[m]["test"]["accuracy"], mb[m]["test"]["accuracy"]) for m in ("linear_probe", "dense", "dino_qpm")}
     print(f"{label}: max weight difference {diff:.3g}; accuracies (a, b) {accs}")
     for model, (x, y) in accs.items():
         assert x == pytest.approx(y, abs=1e-9), model

@@ -78,22 +78,29 @@ def test_evaluate_run_on_the_tiny_pipeline(tiny_overrides: list[str], tmp_path: 
     before = json.loads((run_dir / "metrics.json").read_text())
     metrics = evaluate_run(run_dir, max_map_images=20)
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    n = {"val": metrics["evaluation"]["val_images"], "test": metrics["evaluation"]["test_images"]}
+    assert n == {"val": 8, "test": 40}
     for model in MODELS:
-        section = metrics[model]
-        for key, _ in REPORTED:
-            assert key in section, f"{model} lacks {key}"
-        assert section["accuracy"] == before[model]["accuracy"]  # the pipeline's number is kept
-        assert list(section["per_class_accuracy"]) == [f"class_{c}" for c in range(cfg.data.num_classes)]
-        for key in ("class_independence", "contrastiveness", "correlation", "plausibility"):
-            assert 0.0 <= section[key] <= 1.0, (model, key)
-        for variant in VARIANTS:  # synthetic data has masks: every overlap variant under its own name
-            assert 0.0 <= section[f"plausibility_{variant}"] <= 1.0
-        assert section["plausibility"] == section["plausibility_gradcam_dilated"]
+        for split in ("val", "test"):
+            section = metrics[model][split]
+            for key, _ in REPORTED:
+                assert key in section, f"{model} lacks {key} on {split}"
+            assert section["accuracy"] == before[model][split]["accuracy"]  # the pipeline's number is kept
+            assert list(section["per_class_accuracy"]) == [f"class_{c}" for c in range(cfg.data.num_classes)]
+            for key in ("class_independence", "contrastiveness", "correlation", "plausibility"):
+                assert 0.0 <= section[key] <= 1.0, (model, key)
+            for variant in VARIANTS:  # synthetic data has masks: every overlap variant under its own name
+                assert 0.0 <= section[f"plausibility_{variant}"] <= 1.0
+            assert section["plausibility"] == section["plausibility_gradcam_dilated"]
+        # Feature metrics read the train rows the model trained on, whichever split the images come from.
+        assert metrics[model]["val"]["contrastiveness"] == metrics[model]["test"]["contrastiveness"]
     for model in ("linear_probe", "dense"):
-        assert 0.2 <= metrics[model]["sid_at_5"] <= 1.0
-    assert cfg.qp.n_per_class < 5 and metrics["qpm"]["sid_at_5"] is None  # SID@5 is undefined for m = 2
-    assert metrics["qp"] == before["qp"] and metrics["qpm"]["accuracy_before_finetune"] is not None
-    assert metrics["evaluation"]["map_images"] == min(20, metrics["evaluation"]["test_images"])
+        assert 0.2 <= metrics[model]["test"]["sid_at_5"] <= 1.0
+    assert cfg.qp.n_per_class < 5 and metrics["dino_qpm"]["test"]["sid_at_5"] is None  # undefined for m = 2
+    assert metrics["qp_certificate"] == before["qp_certificate"]
+    assert metrics["dino_qpm"]["test"]["accuracy_before_finetune"] is not None
+    assert metrics["evaluation"]["map_images"] == min(20, n["test"])
+    assert metrics["evaluation"]["val_map_images"] == min(20, n["val"])
 
     # report.md embeds PNGs that exist and open, and shows the table and the certificate.
     report = (run_dir / "report.md").read_text()
@@ -103,8 +110,9 @@ def test_evaluate_run_on_the_tiny_pipeline(tiny_overrides: list[str], tmp_path: 
         with Image.open(run_dir / rel) as im:
             assert im.format == "PNG" and min(im.size) > 100
     assert "QP certificate: status" in report
-    for name in ("linear probe", "dense", "qpm"):
-        assert f"| {name} |" in report
+    for name in ("linear probe", "dense", "DINO-QPM"):
+        assert f"| {name} | validation |" in report and f"| {name} | test |" in report
+    assert "Validation: 8 train images held out (data.val_fraction=0.2" in report
 
     # The atlas: for every feature the training images with the highest pooled activation, strongest first, from
     # the same forward pass as the model's; the classes that use it are W's column.
@@ -125,7 +133,7 @@ def test_evaluate_run_on_the_tiny_pipeline(tiny_overrides: list[str], tmp_path: 
         with Image.open(run_dir / "explanations" / card["png"]) as im:
             assert im.size == (len(acts) * 132 - 4, 128)
     index = json.loads((run_dir / "explanations" / "index.json").read_text())
-    assert any(not e["correct"] for e in index["locals"]) or metrics["qpm"]["accuracy"] == 1.0
+    assert any(not e["correct"] for e in index["locals"]) or metrics["dino_qpm"]["test"]["accuracy"] == 1.0
     assert sorted(index["histories"]) == ["dense", "finetune", "probe"]
     assert len(index["histories"]["dense"]) == cfg.dense.epochs
     html = (run_dir / "report.html").read_text()

@@ -37,7 +37,8 @@ def test_cpu_smoke_runs_every_section(tmp_path: Path) -> None:
     assert len(gpu_rows) == 4 and all("skipped: needs a CUDA device" in r for r in gpu_rows), gpu_rows
     assert re.search(r"\| 2\. token extraction \| bf16 / fp32 \| [\d.]+x \|", text)
     assert re.search(r"\| 3\. adapter step \| achieved \| [\d.]+ TFLOP/s \|", text)
-    assert re.search(r"\| 4\. full run \| accuracy \| linear_probe [\d.]+, dense [\d.]+, qpm [\d.]+ \|", text)
+    assert re.search(r"\| 4\. full run \| accuracy \(validation / test\) \| linear_probe [\d.]+ / [\d.]+, "
+                     r"dense [\d.]+ / [\d.]+, dino_qpm [\d.]+ / [\d.]+ \|", text)
     for precision in ("fp32", "fp16"):
         for batch in (1, 2):
             assert re.search(rf"\| 5\. ONNX Runtime vs torch \| {precision} batch {batch} \| torch [\d.]+ ms, ORT "

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from toolkit.config import load_config, replace
+from toolkit.data import SPLITS
 from toolkit.model import DinoQPM, SparseHead, load_checkpoint
 from toolkit.pipeline import config_hash, run_dir_for, run_pipeline
 
@@ -23,15 +24,24 @@ def test_pipeline_end_to_end_then_fully_cached(tiny_overrides: list[str], tmp_pa
     metrics = json.loads((first.run_dir / "metrics.json").read_text())
     # The shapes are separable: dense and DINO-QPM are far above chance (1/4); the probe reads the CLS token of a
     # random-init ViT, which barely depends on the image, so it is only checked to be a probability.
-    assert metrics["dense"]["accuracy"] >= 0.75 and metrics["qpm"]["accuracy"] >= 0.75
-    assert 0.0 <= metrics["linear_probe"]["accuracy"] <= 1.0
-    # SID@5 needs 5 features per class; with m = 2 it is undefined (null), never a made-up number.
-    assert metrics["qpm"]["sid_at_5"] is None
-    assert metrics["qp"]["gap"] >= 0 and metrics["qp"]["objective"] <= metrics["qp"]["bound"] + 1e-9
+    for split in ("val", "test"):
+        assert metrics["dense"][split]["accuracy"] >= 0.75 and metrics["dino_qpm"][split]["accuracy"] >= 0.75
+        assert 0.0 <= metrics["linear_probe"][split]["accuracy"] <= 1.0
+        # SID@5 needs 5 features per class; with m = 2 it is undefined (null), never a made-up number.
+        assert metrics["dino_qpm"][split]["sid_at_5"] is None
+    cert = metrics["qp_certificate"]
+    assert cert["gap"] >= 0 and cert["objective"] <= cert["bound"] + 1e-9
+    # The validation split: 2 of each class's 10 train images, recorded with its seed in metrics and manifest.
+    assert metrics["validation"] == {**metrics["validation"], "held_out": True, "fraction": 0.2,
+                                     "seed": cfg.data.seed, "n_val": 8, "n_fit": 32}
     # The run directory explains itself.
     assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["qp"]["n_features"] == cfg.qp.n_features
     manifest = json.loads((first.run_dir / "manifest.json").read_text())
     assert set(manifest["stages"]) >= {"tokens_train", "tokens_test", "probe", "dense", "select", "finetune"}
+    assert manifest["validation"] == metrics["validation"]
+    # Each training stage's key names the validation draw (the token store's does not: same images either way).
+    assert json.loads((Path(manifest["stages"]["dense"]["directory"]) / "manifest.json").read_text())[
+        "upstream"]["val"].endswith(":val")
     # The checkpoint alone rebuilds the sparse model: k selected features, exactly m per class.
     model, info = load_checkpoint(first.run_dir / "checkpoint")
     assert isinstance(model, DinoQPM) and isinstance(model.head, SparseHead)
@@ -69,9 +79,10 @@ def test_run_dir_with_other_config_is_not_overwritten(tiny_overrides: list[str])
 def test_sid_at_5_is_measured_when_each_class_has_5_features(tiny_overrides: list[str]) -> None:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*tiny_overrides, "qp.n_features=6", "qp.n_per_class=5"])
     metrics = run_pipeline(cfg).metrics
-    for model in ("dense", "qpm"):
-        assert 0.0 < metrics[model]["sid_at_5"] <= 1.0
-    assert metrics["qpm"]["accuracy"] >= 0.75
+    for model in ("dense", "dino_qpm"):
+        for split in ("val", "test"):
+            assert 0.0 < metrics[model][split]["sid_at_5"] <= 1.0
+    assert metrics["dino_qpm"]["test"]["accuracy"] >= 0.75
 
 
 def test_same_config_same_directory_other_config_its_own(tiny_overrides: list[str], tmp_path: Path) -> None:
@@ -138,3 +149,28 @@ def test_a_run_whose_first_stage_fails_leaves_no_directory(tiny_overrides: list[
     with pytest.raises(FileNotFoundError, match="no-such-weights"):
         run_pipeline(cfg)
     assert not run_dir_for(cfg).exists()
+
+
+def test_val_fraction_zero_holds_out_nothing_says_so_and_shares_the_token_stores(tiny_overrides: list[str]) -> None:
+    held = run_pipeline(load_config(ROOT / "configs" / "tiny.yaml", tiny_overrides), until="tokens")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*tiny_overrides, "data.val_fraction=0", "dense.epochs=1"])
+    run = run_pipeline(cfg, until="dense")
+    assert run.backbone_builds == 0  # the validation rows are rows of the same train store
+    assert {s: run.stages[f"tokens_{s}"]["key"] for s in SPLITS} == \
+        {s: held.stages[f"tokens_{s}"]["key"] for s in SPLITS}
+    assert run.metrics["validation"]["held_out"] is False and run.metrics["validation"]["n_fit"] == 40
+    assert run.metrics["dense"]["val"] is None and run.metrics["dense"]["test"]["accuracy"] is not None
+    log = (run.run_dir / "log.txt").read_text()
+    assert "nothing held out (data.val_fraction=0)" in log
+    assert "accuracy (test; nothing held out for validation): linear_probe" in log
+
+
+def test_live_mode_trains_on_the_fit_rows_and_scores_validation(tiny_overrides: list[str]) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*tiny_overrides, "cache.mode=live", "probe.epochs=1",
+                                                        "dense.epochs=1", "finetune.epochs=1"])
+    run = run_pipeline(cfg, until="finetune")
+    assert run.metrics["validation"]["n_val"] == 8 and run.metrics["validation"]["n_fit"] == 32
+    for model in ("linear_probe", "dense", "dino_qpm"):
+        assert 0.0 <= run.metrics[model]["val"]["accuracy"] <= 1.0
+    history = json.loads((Path(run.stages["finetune"]["directory"]) / "history.json").read_text())
+    assert "val_accuracy" in history[-1]  # every epoch ends with the validation accuracy

@@ -19,15 +19,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from toolkit.artifacts import Manifest, describe_files
-from toolkit.cache import TokenStore
-from toolkit.config import ConfigError, DenseConfig, ProbeDinov2Config, QPConfig, load_config
+from toolkit.cache import TokenStore, holdout_views
+from toolkit.config import ConfigError, DataConfig, DenseConfig, ProbeDinov2Config, QPConfig, load_config
 from toolkit.console import Console
+from toolkit.data import holdout, stratified_holdout
 from toolkit.metrics import structural_grounding
 from toolkit.model import load_checkpoint
 from toolkit.pipeline import run_pipeline
 from toolkit.qp import build_problem, choose_tau, solve_qp
 from toolkit.qp.threshold import reference_pairs
-from toolkit.stages.probe_dinov2 import run_probe_dinov2, stratified_holdout
+from toolkit.stages.probe_dinov2 import run_probe_dinov2
 from toolkit.train import TrainContext
 from toolkit.train.engine import TorchEngine
 from toolkit.train.optim import set_optimizer_mode
@@ -155,17 +156,19 @@ def test_cub_generated_archive_end_to_end(tmp_path: Path) -> None:
     result = run_pipeline(cfg, preset="cub")
     m = json.loads((result.run_dir / "metrics.json").read_text())
     ev = m["evaluation"]
-    assert ev["test_images"] == 6 and ev["map_images"] == 6 and ev["train_images"] == 12  # whole test set
+    assert ev["test_images"] == 6 and ev["map_images"] == 6  # whole test set
+    assert ev["train_images"] + ev["val_images"] == 12 and ev["val_images"] >= 1  # the validation rows held out
     assert ev["masks"] and ev["structural_grounding"] == "cub class attributes"
-    for name in ("linear_probe", "linear_probe_dinov2", "dense", "qpm"):
-        assert 0.0 <= m[name]["accuracy"] <= 1.0
+    for name in ("linear_probe", "linear_probe_dinov2", "dense", "dino_qpm"):
+        assert 0.0 <= m[name]["val"]["accuracy"] <= 1.0 and 0.0 <= m[name]["test"]["accuracy"] <= 1.0
     assert m["linear_probe_dinov2"]["n_blocks"] in (1, 2)  # a depth-2 backbone offers at most 2 blocks
-    assert isinstance(m["qpm"]["plausibility"], float)
+    assert isinstance(m["dino_qpm"]["test"]["plausibility"], float)
     # Structural Grounding of the QPM head, recomputed from its checkpoint and the attribute file.
     model, _ = load_checkpoint(result.run_dir / "checkpoint")
     cont = np.loadtxt(parent / "CUB_200_2011" / "attributes" / "class_attribute_labels_continuous.txt")
     w = model.head_weight().detach().numpy()
-    assert m["qpm"]["structural_grounding"] == pytest.approx(structural_grounding(w, class_attributes=cont))
+    grounding = structural_grounding(w, class_attributes=cont)
+    assert m["dino_qpm"]["test"]["structural_grounding"] == pytest.approx(grounding)
     # Tokens were made with the reference preprocessing: CUB statistics, bilinear resize.
     store = TokenStore(Path(result.stages["tokens_train"]["directory"]), "")
     assert store.meta["mean"] == [0.4853, 0.4964, 0.4295] and store.meta["interpolation"] == "bilinear"
@@ -181,10 +184,11 @@ def test_cars_generated_archive_end_to_end(tmp_path: Path) -> None:
     cfg = load_config(REPO / "configs" / "cars.yaml", _tiny_overrides(tmp_path, "cars", root))
     result = run_pipeline(cfg, preset="cars")
     m = json.loads((result.run_dir / "metrics.json").read_text())
-    assert m["evaluation"]["test_images"] == 6 and m["evaluation"]["train_images"] == 12
+    ev = m["evaluation"]
+    assert ev["test_images"] == 6 and ev["train_images"] + ev["val_images"] == 12
     assert not m["evaluation"]["masks"] and m["evaluation"]["structural_grounding"] is None
-    assert m["qpm"]["plausibility"] is None and m["qpm"]["structural_grounding"] is None
-    assert 0.0 <= m["linear_probe_dinov2"]["accuracy"] <= 1.0
+    assert m["dino_qpm"]["test"]["plausibility"] is None and m["dino_qpm"]["test"]["structural_grounding"] is None
+    assert 0.0 <= m["linear_probe_dinov2"]["test"]["accuracy"] <= 1.0
     store = TokenStore(Path(result.stages["tokens_test"]["directory"]), "")
     assert store.meta["mean"] == [0.4593, 0.4466, 0.4453]
     assert store.meta["ids"][:3] == ["cars_test/00001.jpg", "cars_test/00002.jpg", "cars_test/00003.jpg"]
@@ -233,15 +237,22 @@ def test_dinov2_probe_picks_the_block_that_carries_the_signal(tmp_path: Path) ->
     test = _write_store(tmp_path / "test", *split(30))
     ctx = TrainContext(console=Console(enabled=False), device=torch.device("cpu"), seed=0, grad_accum=1,
                        make_engine=None)  # type: ignore[arg-type]
-    cfg = ProbeDinov2Config(epochs=20, batch_size=32, n_blocks=[1, 2], lrs=[1e-2, 1.0], val_fraction=0.2)
-    directory, metrics = run_probe_dinov2(train=train, test=test, cfg=cfg, ctx=ctx, root=tmp_path / "cache")
-    assert metrics["n_blocks"] == 2 and metrics["accuracy"] > 0.9
+    cfg = ProbeDinov2Config(epochs=20, batch_size=32, n_blocks=[1, 2], lrs=[1e-2, 1.0])
+    data = DataConfig(val_fraction=0.2)
+    fit, val = holdout_views(train, holdout(train.labels, data.val_fraction, data.seed))  # the run's split
+    directory, metrics = run_probe_dinov2(train=fit, val=val, test=test, cfg=cfg, data=data, ctx=ctx,
+                                          root=tmp_path / "cache")
+    assert metrics["n_blocks"] == 2 and metrics["test_accuracy"] > 0.9 and metrics["val_accuracy"] > 0.9
     grid = json.loads((directory / "selection.json").read_text())["grid"]
     last_only = [g["val_accuracy"] for g in grid if g["n_blocks"] == 1 and not g["avgpool"]]
     assert max(last_only) < 0.7
     assert json.loads((directory / "selection.json").read_text())["n_val"] == 36  # 20 % of 60 per class
-    _, again = run_probe_dinov2(train=train, test=test, cfg=cfg, ctx=ctx, root=tmp_path / "cache")
+    _, again = run_probe_dinov2(train=fit, val=val, test=test, cfg=cfg, data=data, ctx=ctx, root=tmp_path / "cache")
     assert again == metrics  # cached
+    # Nothing held out (data.val_fraction=0): the probe chooses on its own share of train, then uses all of it.
+    _, own = run_probe_dinov2(train=train, val=None, test=test, cfg=cfg, data=DataConfig(val_fraction=0), ctx=ctx,
+                              root=tmp_path / "cache")
+    assert own["val_accuracy"] is None and own["n_blocks"] == 2 and own["chosen_on"].startswith("its own")
 
 
 def test_stratified_holdout_is_seeded_and_per_class() -> None:

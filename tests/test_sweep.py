@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,8 @@ def test_trial_config_gives_each_trial_its_own_run_dir_and_raises_when_impossibl
                         "x").runtime.engine == "deepspeed"
     with pytest.raises(ConfigError, match="qp.n_per_class"):
         trial_config(setup, {"qp.n_per_class": 9}, "abc_00002")
+    with pytest.raises(ConfigError, match="needs a validation split"):
+        trial_config(setup, {"data.val_fraction": 0.0}, "abc_00003")
 
 
 def test_epoch_reporter_counts_trained_stages_and_reports_finetune_epochs_with_checkpoints(tmp_path: Path) -> None:
@@ -120,9 +123,11 @@ def test_epoch_reporter_counts_trained_stages_and_reports_finetune_epochs_with_c
     rep = EpochReporter(report, is_main=True, run_dir=tmp_path)
     rep("dense", {"epoch": 1, "ce": 1.0, "train_accuracy": 0.5})
     assert seen == []  # dense epochs run in only one of the trials sharing them: not reported
-    rep("finetune", {"epoch": 1, "ce": 0.7, "l1_maps": 0.2, "train_accuracy": 0.75})
+    rep("finetune", {"epoch": 1, "ce": 0.7, "l1_maps": 0.2, "train_accuracy": 0.75, "val_accuracy": 0.5})
     metrics, progress = seen[-1]
-    assert metrics["train_accuracy"] == 0.75 and metrics["accuracy"] is None and metrics["loss_l1_maps"] == 0.2
+    # The scheduler's signal is the epoch's validation accuracy; the final validation accuracy is not known yet.
+    assert metrics["epoch_val_accuracy"] == 0.5 and metrics["val_accuracy"] is None
+    assert metrics["train_accuracy"] == 0.75 and metrics["loss_l1_maps"] == 0.2
     assert metrics["trained_dense"] == 1 and metrics["trained_probe"] == 0 and progress["epoch"] == 1
     assert metrics["backbone_passes"] == 1
 
@@ -220,9 +225,11 @@ def test_the_table_shows_full_trial_ids_however_many_columns(tmp_path: Path) -> 
 
 
 def _row(tid: str, acc: float | None, sid: float | None = None, m: int = 2, status: str = "ok",
-         seconds: float = 1.0) -> res.TrialRow:
+         seconds: float = 1.0, test: float | None = None) -> res.TrialRow:
+    """A trial row: `acc` and `sid` are validation metrics (what decides); `test` the test accuracy (read only)."""
     return res.TrialRow(trial_id=tid, status=status, params={"qp.n_per_class": m},
-                        metrics={"accuracy": acc, "sid_at_5": sid, "qp_n_per_class": m, "seconds": seconds})
+                        metrics={"val_accuracy": acc, "val_sid_at_5": sid, "qp_n_per_class": m, "seconds": seconds,
+                                 "test_accuracy": test})
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated_completed_trials() -> None:
@@ -244,7 +251,7 @@ def test_interpretability_axis_is_sid_when_every_completed_trial_has_it_else_fea
 def test_choice_takes_the_most_interpretable_front_trial_within_the_accuracy_tolerance() -> None:
     front = [_row("a", 0.950, 0.30), _row("b", 0.945, 0.50), _row("c", 0.900, 0.90)]
     chosen, rule = res.choose_best(front, res.SID, tolerance=0.01)
-    assert chosen.trial_id == "b" and "within 0.01" in rule and "0.9500" in rule
+    assert chosen.trial_id == "b" and "within 0.01" in rule and "0.9500" in rule and "validation" in rule
     assert res.choose_best(front, res.SID, tolerance=0.0)[0].trial_id == "a"
     assert res.choose_best(front, res.SID, tolerance=0.1)[0].trial_id == "c"
 
@@ -273,7 +280,7 @@ def test_summarize_writes_table_csv_best_yaml_and_summary(tmp_path: Path) -> Non
     summary = summarize(rows, ["qp.n_per_class"], tmp_path, tolerance=0.01, console=Console(file=io.StringIO()))
     assert summary.chosen.trial_id == "b" and summary.interp is res.COMPACTNESS
     table = (tmp_path / "table.txt").read_text()
-    assert "accuracy" in table and "SID@5" in table and "[bad] value" in table
+    assert "val accuracy" in table and "test accuracy" in table and "val SID@5" in table and "[bad] value" in table
     with (tmp_path / "trials.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
     assert [r["status"] for r in csv_rows] == ["ok", "ok", "failed"] and csv_rows[1]["chosen"] == "True"
@@ -352,12 +359,13 @@ def test_sweep_shares_work_and_writes_table_csv_and_best(tiny_sweep) -> None:
     assert all(r.iterations == cfg.finetune.epochs + 1 for r in ok)
     # Table, CSV, best.yaml.
     table = (out / "table.txt").read_text()
-    for col in ("accuracy", "SID@5", "plausibility", "QP gap", "time (s)", "n_per_class"):
+    for col in ("val accuracy", "val SID@5", "test accuracy", "plausibility", "QP gap", "time (s)", "n_per_class"):
         assert col in table
     with (out / "trials.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
     assert sorted(r["status"] for r in csv_rows) == ["failed", "ok", "ok", "ok"]
-    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in csv_rows if r["status"] == "ok")
+    for split in ("val", "test"):
+        assert all(0.0 <= float(r[f"{split}_accuracy"]) <= 1.0 for r in csv_rows if r["status"] == "ok")
     assert sum(r["chosen"] == "True" for r in csv_rows) == 1
     best_text = (out / "best.yaml").read_text()
     assert "# Rule: Pareto front" in best_text and f"# Interpretability metric: {summary.interp.key}" in best_text
@@ -377,6 +385,15 @@ def test_impossible_trial_fails_with_its_reason_and_the_sweep_goes_on(tiny_sweep
     assert sorted(r.params["qp.n_per_class"] for r in summary.rows if r.status == "ok") == [2, 3, 4]
     assert "got 9" in (summary.output / "table.txt").read_text()
 
+
+
+def _wait_until(condition, what: str = "the condition") -> None:
+    """Return once `condition()` holds; the deadline only turns a hang into a failure, it never decides a pass."""
+    deadline = time.monotonic() + 300
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} never held")
+        time.sleep(0.05)
 
 
 def _created_placement_groups() -> list[str]:
@@ -453,14 +470,20 @@ def test_a_trial_whose_workers_cannot_start_fails_with_its_reason_and_the_others
     Train retries once (--max-retries 1), the trial fails with why, and the second trial then runs."""
     import ray
     from ray import tune
-    from ray.util import placement_group, remove_placement_group
+    from ray.util import placement_group, placement_group_table, remove_placement_group
 
     blocker = placement_group([{"CPU": 1}])
     blocker.wait(60)
 
     class FreeTheCpuAfterTheFailure(tune.Callback):
+        """Runs in the sweep's loop, so the next trial starts only after it returns: it returns once Ray has the CPU
+        back. The first trial cannot start whatever its timeout (the CPU is held until it has failed), and the
+        second finds both CPUs free, so the outcome does not depend on how fast the machine is."""
+
         def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
             remove_placement_group(blocker)
+            _wait_until(lambda: placement_group_table(blocker)["state"] == "REMOVED"
+                        and ray.available_resources().get("CPU", 0.0) >= 2.0)
 
     summary = _sweep(tmp_path, "qp.n_per_class: {grid: [2, 3]}\n", callbacks=[FreeTheCpuAfterTheFailure()],
                      workers_per_trial=2, worker_start_timeout_s=2.0, max_retries=1)

@@ -13,6 +13,9 @@ Layout of a store directory (an artefact of stage "tokens", see toolkit.artifact
 The key hashes (backbone name, weights identity, image size, preprocessing, layer, dataset sample ids), so a
 second run with the same inputs never builds the backbone, and any change rebuilds. `live` mode skips the cache
 and runs the backbone inside the training loop (for augmentation and for checking the cache).
+
+The validation split is rows of the train store (`split_rows`): a `StoreRows` view with the store's surface, so the
+same extraction serves the fit and the validation rows, and the store's key does not depend on `data.val_fraction`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from toolkit.artifacts import check_artifact, content_key
 from toolkit.config import BackboneConfig, DataConfig
 from toolkit.console import Console
-from toolkit.data import Preprocess, mask_to_grid, preprocess_for
+from toolkit.data import Holdout, Preprocess, mask_to_grid, preprocess_for
 from toolkit.model import Backbone, weights_identity
 
 LAYER = "last-block+final-norm"  # which tokens are cached (docs/method.md#model: last block, use_norm=True)
@@ -112,6 +115,85 @@ class TokenStore:
         return TokenDataset(self)
 
 
+@dataclass(frozen=True)
+class StoreRows:
+    """Some rows of a token store (the fit or validation rows of the train split) with the store's surface.
+
+    Attributes:
+        store: the whole split's store.
+        rows: (n,) sorted row indices into it; sample i of the view is row rows[i] of the store.
+        key: the view's own key (the store's key + which draw + which part), what stages hash as their input.
+    """
+
+    store: TokenStore
+    rows: np.ndarray
+    key: str
+
+    @property
+    def directory(self) -> Path:
+        return self.store.directory
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.store.meta
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.store.grid
+
+    @property
+    def classes(self) -> list[str]:
+        return self.store.classes
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self.store.labels[self.rows]
+
+    @cached_property
+    def masks(self) -> np.ndarray | None:
+        m = self.store.masks
+        return None if m is None else m[self.rows]
+
+    @cached_property
+    def cls_blocks(self) -> np.ndarray | None:
+        b = self.store.cls_blocks
+        return None if b is None else np.asarray(b[self.rows])
+
+    @cached_property
+    def patch_mean(self) -> np.ndarray | None:
+        p = self.store.patch_mean
+        return None if p is None else p[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def dataset(self) -> Dataset:
+        return TokenDataset(self.store, self.rows)
+
+
+def split_rows(split: Any, rows: np.ndarray, part: str, tag: str) -> Any:
+    """The rows `rows` of a cached (TokenStore) or live (LiveSplit) split, keyed `<split key>:<tag>:<part>`.
+
+    Args:
+        split: the whole train split.
+        rows: (n,) sorted indices of its samples.
+        part: "fit" or "val".
+        tag: names the draw (`toolkit.data.Holdout.tag`), so another fraction or seed gives other keys.
+    """
+    key = f"{split.key}:{tag}:{part}"
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(split, LiveSplit):
+        return split.rows(rows, key)
+    return StoreRows(split, rows, key)
+
+
+def holdout_views(train: Any, hold: Holdout) -> tuple[Any, Any | None]:
+    """(fit rows, validation rows) of the train split; (train itself, None) when nothing is held out."""
+    if not hold.held_out:
+        return train, None
+    return split_rows(train, hold.fit, "fit", hold.tag), split_rows(train, hold.val, "val", hold.tag)
+
+
 class LiveSplit:
     """Live mode: the same surface as a TokenStore, but batches hold images and the loop runs the backbone."""
 
@@ -128,6 +210,15 @@ class LiveSplit:
                      "interpolation": pre.interpolation}
         self._images = ImageDataset(dataset, pre.transform(data.image_size), self.grid, data.mask_resize)
 
+    def rows(self, rows: np.ndarray, key: str) -> LiveSplit:
+        """The same split restricted to `rows` (the fit or validation rows of train), under `key`."""
+        view = object.__new__(LiveSplit)
+        view.__dict__.update(self.__dict__)
+        view.key, view.labels = f"live-{key}", self.labels[rows]
+        img = self._images
+        view._images = ImageDataset(img.dataset.subset(rows), img.transform, img.grid, img.mask_resize)
+        return view
+
     def __len__(self) -> int:
         return len(self._images)
 
@@ -136,25 +227,29 @@ class LiveSplit:
 
 
 class TokenDataset(Dataset):
-    """Batches straight from the memory map: `__getitems__` reads a whole batch with one fancy index."""
+    """Batches straight from the memory map: `__getitems__` reads a whole batch with one fancy index.
 
-    def __init__(self, store: TokenStore) -> None:
+    With `rows`, sample i is row rows[i] of the store (a fit or validation view); "index" is always i."""
+
+    def __init__(self, store: TokenStore, rows: np.ndarray | None = None) -> None:
         self.store = store
+        self.rows = rows
 
     def __len__(self) -> int:
-        return len(self.store)
+        return len(self.store) if self.rows is None else len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([i])
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        idx = np.asarray(indices)
+        local = np.asarray(indices, dtype=np.int64)
+        idx = local if self.rows is None else self.rows[local]
         order = np.argsort(idx)  # sorted reads are sequential on disk; restore the sampler's order afterwards
         inv = np.argsort(order)
         patch = np.asarray(self.store.patch[idx[order]])[inv]
         cls = np.asarray(self.store.cls[idx[order]])[inv]
         out = {"patch": torch.from_numpy(patch).float(), "cls": torch.from_numpy(cls).float(),
-               "label": torch.from_numpy(self.store.labels[idx]), "index": torch.from_numpy(idx)}
+               "label": torch.from_numpy(self.store.labels[idx]), "index": torch.from_numpy(local)}
         if self.store.masks is not None:
             out["mask"] = torch.from_numpy(self.store.masks[idx].astype(np.float32))
         return out

@@ -159,7 +159,10 @@ class DataConfig(_Section):
     image_size: ImageSize = 224  # pixels of the square resize; a multiple of the DINOv2 patch size 14
     train_per_class: PosInt | None = None  # seeded balanced subset of the train split, images per class; None = all
     test_per_class: PosInt | None = None  # seeded balanced subset of the test split, images per class; None = all
-    seed: NonNegInt = 0  # seed of the subset draw (independent of the training seed)
+    seed: NonNegInt = 0  # seed of the subset and validation draws (independent of the training seed)
+    # Validation split: this seeded, class-stratified share of the train split (after train_per_class) is held out;
+    # every stage trains on the rest and every decision (DINOv2-probe lr, sweep winner) reads it; 0 = none.
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # Reference quirk of RobertZimm/DINO-QPM: per-image min-max rescale to [0, 1] after Normalize. None = as
     # data.preprocess implies (reference: on, it is part of that order; timm: off); true adds it to timm's.
     reference_minmax: bool | None = None
@@ -323,8 +326,8 @@ class ProbeDinov2Config(_Section):
     """DINOv2's linear-evaluation protocol as a second baseline (Oquab et al., arXiv 2304.07193, linear.py).
 
     Linear heads on the CLS tokens of the last n blocks, optionally concatenated with the average patch token, are
-    trained side by side for every (n, pooling, learning rate); the best on a held-out share of the train split is
-    retrained on the whole train split and scored on the test split (docs/method.md#baselines).
+    trained side by side for every (n, pooling, learning rate) on the train split's fit rows; the best on the run's
+    validation split (`data.val_fraction`) is kept and scored on validation and test (docs/method.md#baselines).
     """
 
     section: ClassVar[str] = "probe_dinov2"
@@ -336,7 +339,6 @@ class ProbeDinov2Config(_Section):
     avgpool: ListOf(bool) = (False, True)  # also concatenate the average patch token
     lrs: ListOf(PosFloat) = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
                              0.1)  # DINOv2's learning-rate grid, before scaling by batch_size / 256
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # held-out share of the train split for the choice
 
     @model_validator(mode="after")
     def _non_empty(self) -> ProbeDinov2Config:
@@ -492,6 +494,10 @@ def _type_words(err: ErrorDetails) -> str | None:
             "finite_number": "a finite number"}.get(err["type"])
 
 
+# Keys that moved: an old config names the new place in its error.
+MOVED = {"probe_dinov2.val_fraction": "data.val_fraction"}
+
+
 def _describe(err: ErrorDetails, root: type[BaseModel], prefix: tuple[str, ...]) -> tuple[str, str]:
     """(dotted key, message) for one pydantic error."""
     loc = prefix + tuple(str(p) for p in err["loc"])
@@ -504,6 +510,8 @@ def _describe(err: ErrorDetails, root: type[BaseModel], prefix: tuple[str, ...])
         close = difflib.get_close_matches(loc[-1], names, n=1)
         where = ".".join(loc[:-1])
         hint = f" Did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+        if key in MOVED:
+            hint = f" It moved to '{MOVED[key]}'."
         return key, f"unknown config key '{key}'.{hint} Allowed keys here: {', '.join(names)}"
     if err["type"] == "value_error" and isinstance(ctx.get("error"), _Invalid):
         inner: _Invalid = ctx["error"]
@@ -739,6 +747,8 @@ def _field(key: str) -> FieldInfo:
             where = ".".join(parts[:i])
             close = difflib.get_close_matches(part, names, n=1)
             hint = f" Did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+            if key in MOVED:
+                hint = f" It moved to '{MOVED[key]}'."
             raise ConfigError(f"unknown config key '{key}'.{hint} Allowed keys here: {', '.join(names)}", key=key)
         info = cls.model_fields[part]
         tp = info.annotation

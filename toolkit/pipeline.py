@@ -3,9 +3,11 @@
 `run_pipeline(cfg)` chains the stages through `toolkit.artifacts` (a stage whose inputs did not change is loaded,
 not recomputed) and writes a run directory that explains itself:
     config.yaml     the fully resolved configuration
-    manifest.json   per stage: artefact key and directory, whether it was cached, seconds, metrics
-    metrics.json    linear_probe / linear_probe_dinov2 / dense / qpm accuracies (+ interpretability metrics) and the
-                    QP certificate
+    manifest.json   per stage: artefact key and directory, whether it was cached, seconds, metrics; the validation
+                    split (fraction, seed, size)
+    metrics.json    per model (linear_probe, linear_probe_dinov2, dense, dino_qpm) its metrics on the validation
+                    split and on the test split, {"val": {...}, "test": {...}} ("val" null when data.val_fraction=0),
+                    the validation split under "validation", and the QP certificate under "qp_certificate"
     checkpoint/     the self-contained DINO-QPM model (safetensors + JSON)
     log.txt         what the console printed
     tensorboard/    per-stage training curves as TensorBoard event files (rank 0, when tensorboardX is installed)
@@ -26,10 +28,10 @@ from typing import Any
 
 from toolkit import __version__
 from toolkit.artifacts import was_cached
-from toolkit.cache import loader_options
+from toolkit.cache import holdout_views, loader_options
 from toolkit.config import ConfigError, RunConfig, load_config, save_config, to_dict
 from toolkit.console import Console
-from toolkit.data import load_dataset
+from toolkit.data import EVAL_SPLITS, SPLITS, holdout, load_dataset
 from toolkit.distributed import (
     DistInfo,
     barrier,
@@ -137,7 +139,7 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate", preset: str | None 
     info = init_distributed(cfg.runtime)
     run_dir = run_dir_for(cfg, preset)
     check_run_dir(cfg, run_dir)
-    datasets = {split: load_dataset(cfg.data, split) for split in ("train", "test")}
+    datasets = {split: load_dataset(cfg.data, split) for split in SPLITS}
     created = not run_dir.exists()
     barrier()  # every rank has looked before rank 0 creates it
     if info.is_main:
@@ -187,6 +189,13 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
                                             model_kwargs=cfg.backbone.arch_overrides()).to(device))
         return backbone[0]
 
+    hold = holdout(datasets["train"].labels, cfg.data.val_fraction, cfg.data.seed)
+    console.log("validation: " + (f"{len(hold.val)} of {len(datasets['train'])} train images held out "
+                                  f"(data.val_fraction={hold.fraction:g}, seed {hold.seed}, class-stratified); every "
+                                  "stage trains on the other "
+                                  f"{len(hold.fit)}" if hold.held_out else "nothing held out (data.val_fraction=0): "
+                                  "every stage trains on all train images and no validation metrics exist"))
+
     def record(name: str, directory: Path, key: str, metrics: dict[str, Any], t0: float) -> None:
         stages[name] = {"key": key, "directory": str(directory), "cached": was_cached(directory),
                         "seconds": round(time.perf_counter() - t0, 3), "metrics": metrics}
@@ -195,10 +204,10 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
             write_json(run_dir / "manifest.json", {
                 "config_hash": config_hash(cfg), "world_size": info.world_size, "backend": info.backend,
                 "device": str(device), "precision": precision, "engine": engine, "stage_engines": engines,
-                "stages": stages})
+                "validation": hold.describe(), "stages": stages})
 
     stores: dict[str, Split] = {}
-    for split in ("train", "test"):
+    for split in SPLITS:
         t0 = time.perf_counter()
         dataset = datasets[split]
         if cfg.cache.mode == "live":
@@ -219,39 +228,38 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
             "interpolation": stores["train"].meta.get("interpolation", "bicubic"),
             "dataset_variant": stores["train"].meta["variant"],
             "config_hash": config_hash(cfg), "toolkit_version": __version__}
-    metrics: dict[str, Any] = {}
+    fit, val = holdout_views(stores["train"], hold)
+    splits = {"train": fit, "val": val, "test": stores["test"]}
+    metrics: dict[str, Any] = {"validation": hold.describe()}
     if until != "tokens":
         t0 = time.perf_counter()
-        probe_dir, probe_metrics = run_probe(train=stores["train"], test=stores["test"], cfg=cfg.probe, ctx=ctx,
-                                             root=root, meta=meta)
+        probe_dir, probe_metrics = run_probe(**splits, cfg=cfg.probe, ctx=ctx, root=root, meta=meta)
         record("probe", probe_dir, probe_dir.name, probe_metrics, t0)
-        metrics["linear_probe"] = {"accuracy": probe_metrics["accuracy"]}
+        metrics["linear_probe"] = by_split(probe_metrics)
         if cfg.probe_dinov2.enabled and cfg.cache.mode == "cached":  # it reads the cached block tokens
             t0 = time.perf_counter()
-            p2_dir, p2 = run_probe_dinov2(train=stores["train"], test=stores["test"], cfg=cfg.probe_dinov2,
-                                          ctx=ctx, root=root)
+            p2_dir, p2 = run_probe_dinov2(**splits, cfg=cfg.probe_dinov2, data=cfg.data, ctx=ctx, root=root)
             record("probe_dinov2", p2_dir, p2_dir.name, p2, t0)
-            metrics["linear_probe_dinov2"] = {k: p2[k] for k in ("accuracy", "n_blocks", "avgpool", "lr")}
+            metrics["linear_probe_dinov2"] = {**by_split(p2), **{k: p2[k] for k in ("n_blocks", "avgpool", "lr",
+                                                                                    "chosen_on")}}
         t0 = time.perf_counter()
-        dense: DenseResult = run_dense(train=stores["train"], test=stores["test"], adapter=cfg.adapter,
-                                       cfg=cfg.dense, ctx=ctx, root=root, meta=meta)
+        dense: DenseResult = run_dense(**splits, adapter=cfg.adapter, cfg=cfg.dense, ctx=ctx, root=root, meta=meta)
         record("dense", dense.directory, dense.key, dense.metrics, t0)
-        metrics["dense"] = {"accuracy": dense.metrics["accuracy"]}
+        metrics["dense"] = by_split(dense.metrics)
     if until not in ("tokens", "dense"):
         t0 = time.perf_counter()
         sel: SelectionResult = run_select(dense=dense, n_classes=len(stores["train"].classes), cfg=cfg.qp,
                                           root=root, ctx=ctx)
         record("select", sel.directory, sel.key, {"objective": sel.selection.objective}, t0)
-        metrics["qp"] = json.loads(sel.selection.to_json())
+        metrics["qp_certificate"] = json.loads(sel.selection.to_json())
         for k in ("selected", "assignment", "weight"):
-            metrics["qp"].pop(k, None)
+            metrics["qp_certificate"].pop(k, None)
     if until in ("finetune", "evaluate"):
         t0 = time.perf_counter()
-        ft_dir, ft_metrics = run_finetune(dense=dense, selection=sel, train=stores["train"], test=stores["test"],
-                                          adapter=cfg.adapter, cfg=cfg.finetune, ctx=ctx, root=root, meta=meta)
+        ft_dir, ft_metrics = run_finetune(dense=dense, selection=sel, **splits, adapter=cfg.adapter,
+                                          cfg=cfg.finetune, ctx=ctx, root=root, meta=meta)
         record("finetune", ft_dir, ft_dir.name, ft_metrics, t0)
-        metrics["qpm"] = {"accuracy": ft_metrics["accuracy"],
-                          "accuracy_before_finetune": ft_metrics["accuracy_before_finetune"]}
+        metrics["dino_qpm"] = by_split(ft_metrics, ("accuracy", "accuracy_before_finetune"))
         if info.is_main:
             if (run_dir / "checkpoint").exists():
                 shutil.rmtree(run_dir / "checkpoint")
@@ -261,7 +269,28 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
         if until == "evaluate" and cfg.cache.mode == "cached":  # interpretability metrics read the token cache
             with local_evaluation():  # rank 0 alone evaluates: every image once, no collective to wait for
                 metrics = evaluate_run(run_dir, console=console, max_map_images=cfg.evaluate.map_images)
-        console.log("metrics: " + json.dumps({k: v.get("accuracy") for k, v in metrics.items()
-                                              if isinstance(v, dict) and "accuracy" in v}))
+        if until != "tokens":
+            console.log(accuracy_line(metrics))
     barrier()
     return PipelineResult(run_dir=run_dir, metrics=metrics, stages=stages, backbone_builds=builds[0])
+
+
+def by_split(stage: dict[str, Any], keys: tuple[str, ...] = ("accuracy",)) -> dict[str, Any]:
+    """A stage's `val_<key>` / `test_<key>` metrics as metrics.json's {"val": {...} or None, "test": {...}}."""
+    return {split: None if stage.get(f"{split}_accuracy") is None else {k: stage.get(f"{split}_{k}") for k in keys}
+            for split in EVAL_SPLITS}
+
+
+def accuracy_line(metrics: dict[str, Any]) -> str:
+    """One console line: every model's validation and test accuracy, labelled."""
+    models = [k for k, v in metrics.items() if isinstance(v, dict) and "test" in v]
+    held = (metrics.get("validation") or {}).get("held_out", False)
+
+    def acc(sec: dict[str, Any] | None) -> str:
+        return f"{sec['accuracy']:.4f}" if sec and sec.get("accuracy") is not None else "n/a"
+
+    if not held:
+        return ("accuracy (test; nothing held out for validation): "
+                + ", ".join(f"{m} {acc(metrics[m]['test'])}" for m in models))
+    return "accuracy (validation / test): " + ", ".join(f"{m} {acc(metrics[m]['val'])} / {acc(metrics[m]['test'])}"
+                                                         for m in models)

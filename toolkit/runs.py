@@ -1,5 +1,6 @@
 """Reading a finished run directory: its resolved config, the stage directories its manifest names, and the
-token stores it was trained on. Used by evaluation, explanations and export."""
+token stores it was trained on (with its validation split, drawn again from the config: the same rows the stages
+used). Used by evaluation, explanations and export."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.cache import TokenStore
+from toolkit.cache import StoreRows, TokenStore, holdout_views
 from toolkit.config import RunConfig, load_config
+from toolkit.data import SPLITS, Holdout, holdout
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,9 @@ class Run:
     stages: dict[str, Any]
     train: TokenStore
     test: TokenStore
+    hold: Holdout  # the validation split: which train rows were held out
+    fit: TokenStore | StoreRows  # the train rows the stages trained on (train itself when nothing was held out)
+    val: StoreRows | None  # the validation rows (None when data.val_fraction=0)
 
     def stage_dir(self, name: str) -> Path:
         return _stage_dir(self.directory, self.stages, name)
@@ -40,9 +45,12 @@ def load_run(run_dir: Path) -> Run:
             raise FileNotFoundError(f"{run_dir / name} is missing: pass a run directory of a completed pipeline run")
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     stores = {}
-    for split in ("train", "test"):
+    for split in SPLITS:
         d = _stage_dir(run_dir, stages, f"tokens_{split}")
         if not (d / "meta.json").is_file():
             raise FileNotFoundError(f"token cache {d} is gone; rerun the pipeline to rebuild it")
         stores[split] = TokenStore(d, stages[f"tokens_{split}"]["key"])
-    return Run(run_dir, load_config(run_dir / "config.yaml"), stages, stores["train"], stores["test"])
+    cfg = load_config(run_dir / "config.yaml")
+    hold = holdout(stores["train"].labels, cfg.data.val_fraction, cfg.data.seed)
+    fit, val = holdout_views(stores["train"], hold)
+    return Run(run_dir, cfg, stages, stores["train"], stores["test"], hold, fit, val)

@@ -1,13 +1,18 @@
 """A finished sweep: one row per trial, the Pareto front over accuracy and interpretability, the chosen trial, and
-the files that record it (table, CSV, best.yaml, sweep.json).
+the files that record it (table, CSV, best.yaml, sweep.json, sweep.png).
 
-Interpretability axis: SID@5 of the QPM model (higher is better; toolkit.metrics.diversity) when every completed
-trial has it. SID@5 is undefined when classes use fewer than 5 features (e.g. qp.n_per_class < 5), so the
-fallback is `qp.n_per_class`, the number of features that explain each class (fewer is more interpretable:
+Every decision reads the validation split (`data.val_fraction` of train): the front, the choice and the axes are
+validation metrics. The test metrics are in the table, the CSV and sweep.json, in their own `test_*` columns, for
+reading only: changing the test split cannot change which trial is chosen.
+
+Interpretability axis: validation SID@5 of the DINO-QPM model (higher is better; toolkit.metrics.diversity) when
+every completed trial has it. SID@5 is undefined when classes use fewer than 5 features (e.g. qp.n_per_class < 5),
+so the fallback is `qp.n_per_class`, the number of features that explain each class (fewer is more interpretable:
 QPM's compactness), which every trial has.
 
-Choice rule: among the Pareto-front trials whose accuracy is within `tolerance` of the best accuracy, the one with
-the best interpretability value; ties go to higher accuracy, then the shorter trial.
+Choice rule: among the Pareto-front trials whose validation accuracy is within `tolerance` of the best, the one with
+the best interpretability value; ties go to higher validation accuracy, then the earlier trial (its index in the
+sweep; not its time, which depends on the machine and on which trial built the shared stages).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from tune.trial import SPLITS
+from toolkit.data import SPLITS
+from tune.trial import SCHEDULER_METRIC, SEARCH_METRIC
 
 STATUSES = ("ok", "stopped", "failed")
 # ok: final report; stopped: no final report (ASHA ended it, or the sweep was interrupted); failed: raised
@@ -54,8 +60,9 @@ class Objective:
         return a > b if self.maximize else a < b
 
 
-ACCURACY = Objective("accuracy", "accuracy", True, "QPM test accuracy")
-SID = Objective("sid_at_5", "SID@5", True, "SID@5 of the QPM model (spatial diversity of the top-5 feature maps)")
+ACCURACY = Objective(SEARCH_METRIC, "validation accuracy", True, "DINO-QPM accuracy on the validation split")
+SID = Objective("val_sid_at_5", "validation SID@5", True,
+                "SID@5 of the DINO-QPM model on the validation split (spatial diversity of the top-5 feature maps)")
 COMPACTNESS = Objective("qp_n_per_class", "features/class", False,
                         "qp.n_per_class, features per class (fallback: SID@5 is missing for some completed trial)")
 
@@ -88,7 +95,7 @@ def rows_from_results(results: Iterable[Any], keys: list[str]) -> list[TrialRow]
         params = {k: (r.config or {}).get(k) for k in keys}
         if r.error is not None:
             status = "failed"
-        elif metrics.get("accuracy") is not None:
+        elif metrics.get(ACCURACY.key) is not None:
             status = "ok"
         else:
             status = "stopped"
@@ -115,6 +122,12 @@ def pareto_front(rows: list[TrialRow], objectives: tuple[Objective, ...]) -> lis
     return [r for r in pool if not any(_dominates(o, r, objectives) for o in pool if o is not r)]
 
 
+def _order(trial_id: str) -> tuple[int, str]:
+    """Tune's ids end in the trial's index in the sweep ('<hash>_00003')."""
+    tail = trial_id.rsplit("_", 1)[-1]
+    return (int(tail), trial_id) if tail.isdigit() else (2**31, trial_id)
+
+
 def choose_best(front: list[TrialRow], interp: Objective, *, tolerance: float) -> tuple[TrialRow, str]:
     """(chosen trial, the rule in words with the numbers it used)."""
     if not front:
@@ -122,12 +135,13 @@ def choose_best(front: list[TrialRow], interp: Objective, *, tolerance: float) -
     best_acc = max(r.get(ACCURACY.key) for r in front)
     near = [r for r in front if r.get(ACCURACY.key) >= best_acc - tolerance]
     sign = 1 if interp.maximize else -1
-    chosen = max(near, key=lambda r: (sign * r.get(interp.key), r.get(ACCURACY.key),
-                                      -(r.get("seconds") or 0.0), r.trial_id))
-    rule = (f"Pareto front over (accuracy: higher is better, {interp.label}: "
+    # The last tie-break is the trial's order in the sweep, not its time: the time depends on the machine and on
+    # which trial happened to build the shared stages, and the same sweep must choose the same trial.
+    chosen = min(near, key=lambda r: (-sign * r.get(interp.key), -r.get(ACCURACY.key), _order(r.trial_id)))
+    rule = (f"Pareto front over (validation accuracy: higher is better, {interp.label}: "
             f"{'higher' if interp.maximize else 'lower'} is better); among the {len(near)} front trial(s) within "
-            f"{tolerance} of the best accuracy {best_acc:.4f}, the one with the best {interp.label}; ties go to "
-            f"higher accuracy, then the shorter trial")
+            f"{tolerance} of the best validation accuracy {best_acc:.4f}, the one with the best {interp.label}; ties "
+            "go to higher validation accuracy, then the earlier trial; test metrics are not used")
     return chosen, rule
 
 
@@ -139,19 +153,25 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-COLUMNS = ("accuracy", "sid_at_5", "plausibility", "qp_gap", "qp_status", "seconds")
+# (report key, table label): validation columns decide, test columns are for reading only.
+DECIDING = (("val_accuracy", "val accuracy"), ("val_sid_at_5", "val SID@5"), ("val_plausibility", "val plausibility"))
+READING = (("test_accuracy", "test accuracy"), ("test_sid_at_5", "test SID@5"),
+           ("test_plausibility", "test plausibility"))
+OTHER = (("qp_gap", "QP gap"), ("qp_status", "QP status"), ("seconds", "time (s)"))
+COLUMNS = tuple(k for k, _ in (*DECIDING, *READING, *OTHER))
 
 
 def build_table(rows: list[TrialRow], keys: list[str], *, front: set[str], chosen: str | None) -> Table:
-    """The rich table: one row per trial (full trial id, config, accuracy, SID@5, plausibility, QP gap, time,
-    status)."""
-    table = Table(title="sweep trials (* Pareto front, > chosen)", show_lines=False)
+    """The rich table: one row per trial (full trial id, config, validation metrics, then test metrics for reading,
+    QP gap, time, status)."""
+    table = Table(title="sweep trials (* Pareto front, > chosen; decided on validation, test columns for reading only)",
+                  show_lines=False)
     table.add_column("", no_wrap=True)  # the marks, apart so that the id keeps its full width
     table.add_column("trial", no_wrap=True, min_width=max([len(r.trial_id) for r in rows], default=5))
     for k in keys:
         table.add_column(k.split(".", 1)[1] if "." in k else k, justify="right")
-    for label in ("accuracy", "SID@5", "plausibility", "QP gap", "QP status", "time (s)"):
-        table.add_column(label, justify="right")
+    for _, label in (*DECIDING, *READING, *OTHER):
+        table.add_column(label, justify="right", style="dim" if label.startswith("test") else None)
     table.add_column("status / reason", overflow="fold", max_width=60)
     for r in rows:
         mark = (">" if r.trial_id == chosen else "") + ("*" if r.trial_id in front else "")
@@ -162,8 +182,12 @@ def build_table(rows: list[TrialRow], keys: list[str], *, front: set[str], chose
 
 
 def write_csv(rows: list[TrialRow], keys: list[str], path: Path, *, front: set[str], chosen: str | None) -> None:
-    extra = ("dense_accuracy", "probe_accuracy", "accuracy_before_finetune", "class_independence", "contrastiveness",
-             "correlation", "qp_objective", "qp_bound", "qp_seconds", "qp_solver", "qp_n_features", "qp_n_per_class",
+    """trials.csv: every report key of every trial, validation and test metrics in their own labelled columns."""
+    per_split = ("accuracy_before_finetune", "class_independence", "contrastiveness", "correlation",
+                 "structural_grounding")
+    extra = (*(f"{m}_{s}_accuracy" for m in ("dense", "probe") for s in ("val", "test")),
+             *(f"{s}_{k}" for s in ("val", "test") for k in per_split), SCHEDULER_METRIC, "qp_objective",
+             "qp_bound", "qp_seconds", "qp_solver", "qp_n_features", "qp_n_per_class",
              "train_accuracy", "backbone_passes", "backbone_builds", "trained_probe", "trained_dense",
              "trained_finetune", "run_dir")
     header = ["trial_id", "status", "reason", *keys, *COLUMNS, *extra, "iterations", "pareto", "chosen"]
@@ -183,8 +207,11 @@ def write_best(chosen: TrialRow, rule: str, interp: Objective, keys: list[str], 
     header = [f"Chosen by the sweep: trial {chosen.trial_id}, run {run_dir}",
               f"Rule: {rule}",
               f"Interpretability metric: {interp.key} ({interp.why})",
-              f"accuracy={_fmt(chosen.get('accuracy'))} {interp.key}={_fmt(chosen.get(interp.key))} "
-              f"qp_gap={_fmt(chosen.get('qp_gap'))} seconds={_fmt(chosen.get('seconds'))}",
+              f"Chosen on validation: val_accuracy={_fmt(chosen.get('val_accuracy'))} "
+              f"{interp.key}={_fmt(chosen.get(interp.key))} qp_gap={_fmt(chosen.get('qp_gap'))} "
+              f"seconds={_fmt(chosen.get('seconds'))}",
+              f"Test, for reading only (not used to choose): test_accuracy={_fmt(chosen.get('test_accuracy'))} "
+              f"test_sid_at_5={_fmt(chosen.get('test_sid_at_5'))}",
               "Sampled: " + " ".join(f"{k}={chosen.params.get(k)!r}" for k in keys),
               f"Train it again with: python launch/train.py --config {path.name}"]
     body = (run_dir / "config.yaml").read_text()
@@ -196,6 +223,8 @@ def summary_json(rows: list[TrialRow], *, front: list[TrialRow], chosen: TrialRo
     """Everything above in one JSON document (sweep.json)."""
     return {
         "interpretability_metric": {"key": interp.key, "maximize": interp.maximize, "why": interp.why},
+        "accuracy_metric": {"key": ACCURACY.key, "why": ACCURACY.why},
+        "decided_on": "validation (data.val_fraction of train); test_* metrics are for reading only",
         "rule": rule, "chosen": chosen.trial_id if chosen else None,
         "chosen_run_dir": chosen.get("run_dir") if chosen else None,
         "pareto_front": [r.trial_id for r in front],

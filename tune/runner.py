@@ -32,14 +32,15 @@ from rich.measure import Measurement
 
 from toolkit.config import ConfigError, RunConfig, load_config, replace, to_dict
 from tune import results as res
+from tune.plot import draw_sweep
 from tune.space import SearchSpace, load_space, override, validate_space
 from tune.trial import SCHEDULER_METRIC, SEARCH_METRIC, ReleaseWorkers, TrialSetup, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "sweep"  # Tune's experiment folder: <output>/ray/sweep
 # What a sweep writes into its output folder; any of them there means the folder holds a sweep.
-SWEEP_FILES = ("request.json", "table.txt", "trials.csv", "sweep.json", "best.yaml", "best.onnx", "ray", "ray-train",
-               "runs")
+SWEEP_FILES = ("request.json", "table.txt", "trials.csv", "sweep.json", "sweep.png", "best.yaml", "best.onnx", "ray",
+               "ray-train", "runs")
 # Memory a multi-worker trial's driver process asks Ray for: about 0.9 GB resident here, most of it torch's shared
 # libraries. Its only resource request (it needs no CPU while it waits for its workers), and Tune refuses a trial
 # that asks for nothing.
@@ -152,6 +153,9 @@ def prepare(opts: SweepOptions) -> tuple[RunConfig, SearchSpace, list[str]]:
     if opts.max_retries < 0 or opts.worker_start_timeout_s <= 0:
         raise ConfigError("--max-retries must be >= 0 and --worker-start-timeout > 0")
     base = load_config(opts.config, list(opts.overrides))
+    if base.data.val_fraction == 0:
+        raise ConfigError("a sweep chooses its trial on the validation split, but data.val_fraction=0 holds nothing "
+                          "out; set data.val_fraction > 0 (e.g. data.val_fraction=0.1)")
     space = load_space(opts.space)
     warnings = validate_space(space, base)
     if opts.search == "optuna":
@@ -223,9 +227,10 @@ def _search(opts: SweepOptions, concurrent: int, seed: int) -> Any:
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        # A one-element list makes Optuna ignore the per-epoch reports (whose accuracy is not known yet) and
-        # learn from each trial's final test accuracy. A trial ASHA stopped ends without one: Ray logs "The value
-        # None could not be cast to float" and Optuna never completes that trial, so it does not learn from it.
+        # A one-element list makes Optuna ignore the per-epoch reports (whose final validation accuracy is not
+        # known yet) and learn from each trial's final validation accuracy (never from test). A trial ASHA stopped
+        # ends without one: Ray logs "The value None could not be cast to float" and Optuna never completes that
+        # trial, so it does not learn from it.
         return ConcurrencyLimiter(OptunaSearch(metric=[SEARCH_METRIC], mode=["max"], seed=seed),
                                   max_concurrent=concurrent)
     from ray.tune.search import BasicVariantGenerator
@@ -325,9 +330,11 @@ def summarize(rows: list[res.TrialRow], keys: list[str], output: Path, *, tolera
         c.print(table)
     files["table"].write_text(table_console.export_text())
     res.write_csv(rows, keys, files["csv"], front=front_ids, chosen=chosen_id)
+    files["plot"] = draw_sweep(rows, front=front_ids, chosen=chosen_id, interp=interp, path=output / "sweep.png")
     doc = res.summary_json(rows, front=front, chosen=chosen, rule=rule, interp=interp)
     res.write_summary(files["summary"], {"seed": seed, **doc})
-    console.print(f"interpretability axis: {interp.key} ({interp.why})")
+    console.print(f"interpretability axis: {interp.key} ({interp.why}); decided on validation, test columns are for "
+                  f"reading only; plot: {files['plot']}")
     if chosen is not None:
         files["best"] = output / "best.yaml"
         res.write_best(chosen, rule, interp, keys, files["best"])

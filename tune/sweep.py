@@ -5,13 +5,17 @@
         [--workers-per-trial W] [--max-retries R] [--worker-start-timeout T] [--output DIR] [--resume] \\
         [--address ADDR | --num-cpus N] [--export-best] [key=value ...]
 
-Writes to DIR: request.json (what was asked for, with the seed), table.txt (the printed table), trials.csv,
-sweep.json (Pareto front, rule, shared-work counts), best.yaml (the chosen trial's config, loadable by
+Every decision (ASHA's cuts, Optuna's search, the Pareto front, the choice) reads the validation split carved from
+train (data.val_fraction); test metrics are reported in their own columns, never used to decide.
+
+Writes to DIR: request.json (what was asked for, with the seed), table.txt (the printed table), trials.csv, sweep.json
+(Pareto front, rule, shared-work counts), sweep.png (trials on validation accuracy against the interpretability axis,
+the front, the chosen trial, stopped and failed trials), best.yaml (the chosen trial's config, loadable by
 launch/train.py), runs/trial-*/ (each trial's run directory), ray/ (Tune's own results and checkpoints) and, with
 workers, ray-train/ (Ray Train's). A DIR that already holds a sweep is refused (nothing is changed) unless --resume
-continues that sweep through Tune's restore. Exit codes: 0 done, 1 no trial completed, 2 bad arguments or config
-(or DIR holds another sweep), 3 the ONNX export of the best run failed or is unavailable, 4 interrupted (run the same
-command with --resume to finish it).
+continues that sweep through Tune's restore. Exit codes: 0 done, 1 no trial completed, 2 bad arguments or config (or DIR
+holds another sweep), 3 the ONNX export of the best run failed or is unavailable, 4 interrupted (run the same command
+with --resume to finish it).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> SweepOptions:
     p.add_argument("--space", type=Path, default=Path("tune/spaces/default.yaml"), help="search space YAML")
     p.add_argument("--num-samples", type=int, default=8, help="trials (per grid point when the space has 'grid')")
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
-                   help="asha stops trials whose fine-tune train accuracy lags at a rung; fifo runs all to the end")
+                   help="asha stops trials whose validation accuracy after a fine-tune epoch lags at a rung; fifo "
+                        "runs all to the end")
     p.add_argument("--search", choices=["random", "optuna"], default="random")
     p.add_argument("--cpus-per-trial", type=float,
                    help="CPUs of one trial, all its workers together (default: 1, or 1 per worker)")

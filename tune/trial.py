@@ -5,8 +5,10 @@ key, so trials that start together compute a shared stage once and the others wa
 changes what its sampled keys feed, so a sweep over QP and fine-tune settings extracts tokens and trains the dense
 model once.
 
-Reports: one per fine-tune epoch (the scheduler's signal, `train_accuracy`; the test accuracy is only known at the
-end) and a final one with test accuracy, interpretability metrics, the QP certificate and the shared-work counters.
+Reports: one per fine-tune epoch (the scheduler's signal, `epoch_val_accuracy`: the DINO-QPM model's accuracy on the
+run's validation split after that epoch) and a final one with the validation metrics every decision reads
+(`val_accuracy`, `val_sid_at_5`, ...), the same metrics on test (`test_accuracy`, ...: for reading, never for
+deciding), the QP certificate and the shared-work counters.
 The training-iteration count is therefore the same for every trial (fine-tune epochs + 1), whichever trial happened
 to train the shared dense model, which is what ASHA's rungs need. Every report carries a checkpoint: per epoch a
 small progress record, at the end the trial's DINO-QPM checkpoint with its metrics and config.
@@ -30,20 +32,21 @@ try:  # the base class of Tune callbacks; without Ray the sweep cannot run, but 
 except ImportError:  # pragma: no cover
     _TuneCallback = object  # type: ignore[assignment,misc]
 
-from toolkit.config import RunConfig, replace
+from toolkit.config import ConfigError, RunConfig, replace
+from toolkit.data import EVAL_SPLITS
 from tune.space import overrides_of
 
 STAGES = ("probe", "dense", "finetune")
-SPLITS = ("train", "test")  # the pipeline extracts one token store per split
 # toolkit.artifacts.get_or_run logs "<stage>: built in ..." when this process built the artefact, and "cached" or
 # "built by another process" when it loaded one; the run's log.txt therefore says which token stores a trial made.
 _TOKENS_BUILT = re.compile(r"\btokens: built in ")
-# Interpretability metrics read from metrics.json's "qpm" section when the evaluate stage wrote them.
+# Interpretability metrics read from metrics.json's "dino_qpm" section (per split) when the evaluate stage wrote them.
 INTERP_KEYS = ("sid_at_5", "plausibility", "class_independence", "contrastiveness", "correlation",
                "structural_grounding")
-# Keys present in every report (Tune checks that the scheduler's and searcher's metrics are in each result).
-SCHEDULER_METRIC = "train_accuracy"
-SEARCH_METRIC = "accuracy"
+# Keys present in every report (Tune checks that the scheduler's and searcher's metrics are in each result). Both
+# are validation metrics: a sweep never decides on test.
+SCHEDULER_METRIC = "epoch_val_accuracy"  # ASHA: DINO-QPM validation accuracy after each fine-tune epoch
+SEARCH_METRIC = "val_accuracy"  # Optuna: the final validation accuracy (None in the per-epoch reports)
 
 Report = Callable[[dict[str, Any], "Path | None"], None]  # (metrics, checkpoint directory or None)
 # Ray Train V2 reads these from the trial driver's environment and passes them to its controller and workers.
@@ -88,7 +91,11 @@ def trial_config(setup: TrialSetup, sample: dict[str, Any], trial_id: str) -> Ru
                  f"runtime.run_name=trial-{trial_id}", "runtime.progress=false"]
     if setup.workers > 1 and setup.base.runtime.engine == "auto":
         overrides.append("runtime.engine=deepspeed")  # the same engine as `deepspeed launch/train.py`
-    return replace(setup.base, overrides)
+    cfg = replace(setup.base, overrides)
+    if cfg.data.val_fraction == 0:  # a sampled data.val_fraction: the sweep itself refuses a base without one
+        raise ConfigError("config key 'data.val_fraction': a sweep trial needs a validation split to be ranked on; "
+                          "sample values > 0")
+    return cfg
 
 
 def backbone_passes(run_dir: Path) -> int:
@@ -117,9 +124,10 @@ class EpochReporter:
         if stage != "finetune":  # dense/probe run in only one of the trials that share them: not a common clock
             return
         self.last = metrics
-        out = {"epoch": int(metrics["epoch"]), SCHEDULER_METRIC: float(metrics["train_accuracy"]),
-               SEARCH_METRIC: None, **{f"loss_{k}": float(v) for k, v in metrics.items()
-                                       if k not in ("epoch", "train_accuracy")}, **self.counters()}
+        out = {"epoch": int(metrics["epoch"]), SCHEDULER_METRIC: float(metrics["val_accuracy"]),
+               SEARCH_METRIC: None, "train_accuracy": float(metrics["train_accuracy"]),
+               **{f"loss_{k}": float(v) for k, v in metrics.items()
+                  if k not in ("epoch", "train_accuracy", "val_accuracy")}, **self.counters()}
         with tempfile.TemporaryDirectory(prefix="progress-") as tmp:
             if self.is_main:
                 (Path(tmp) / "progress.json").write_text(json.dumps({"stage": stage, **out}, indent=2))
@@ -128,21 +136,25 @@ class EpochReporter:
 
 def final_metrics(cfg: RunConfig, metrics: dict[str, Any], stages: dict[str, Any], *, reporter: EpochReporter,
                   backbone_builds: int, seconds: float, run_dir: Path) -> dict[str, Any]:
-    """The trial's last report: flat scalars from metrics.json (an interpretability key is None when it is absent)."""
-    qpm, qp = metrics.get("qpm", {}), metrics.get("qp", {})
+    """The trial's last report: flat scalars from metrics.json, every metric under `val_<key>` and `test_<key>`
+    (an interpretability key is None when it is absent)."""
     ft_train = stages.get("finetune", {}).get("metrics", {}).get("train_accuracy")
+    qp = metrics.get("qp_certificate", {})
     out: dict[str, Any] = {
-        SEARCH_METRIC: qpm.get("accuracy"),
-        SCHEDULER_METRIC: float(reporter.last.get("train_accuracy", ft_train or 0.0)),
-        "accuracy_before_finetune": qpm.get("accuracy_before_finetune"),
-        "dense_accuracy": metrics.get("dense", {}).get("accuracy"),
-        "probe_accuracy": metrics.get("linear_probe", {}).get("accuracy"),
-        **{k: qpm.get(k) for k in INTERP_KEYS},
-        **{f"qp_{k}": qp.get(k) for k in ("objective", "bound", "gap", "status", "seconds", "solver")},
+        SCHEDULER_METRIC: reporter.last.get("val_accuracy"),
+        "train_accuracy": float(reporter.last.get("train_accuracy", ft_train or 0.0)),
         "qp_n_features": cfg.qp.n_features, "qp_n_per_class": cfg.qp.n_per_class,
+        **{f"qp_{k}": qp.get(k) for k in ("objective", "bound", "gap", "status", "seconds", "solver")},
         "backbone_builds": backbone_builds, **reporter.counters(),
         "seconds": round(seconds, 3), "run_dir": str(run_dir),
     }
+    for split in EVAL_SPLITS:
+        qpm = metrics.get("dino_qpm", {}).get(split) or {}
+        out.update({f"{split}_accuracy": qpm.get("accuracy"),
+                    f"{split}_accuracy_before_finetune": qpm.get("accuracy_before_finetune"),
+                    f"dense_{split}_accuracy": (metrics.get("dense", {}).get(split) or {}).get("accuracy"),
+                    f"probe_{split}_accuracy": (metrics.get("linear_probe", {}).get(split) or {}).get("accuracy"),
+                    **{f"{split}_{k}": qpm.get(k) for k in INTERP_KEYS}})
     return out
 
 

@@ -7,6 +7,8 @@ live training and explanation rendering. Masks are only used by the Plausibility
 
 Datasets: Fashion-MNIST (Debian IDX files; exact silhouette masks), CUB-200-2011 (full images, segmentation masks),
 Stanford Cars (no masks), ImageFolder (optional mask tree) and a synthetic set of coloured shapes for fast tests.
+The stored splits (`SPLITS`: train, test) and the validation split carved from train (`holdout`) are in
+`toolkit.data.splits`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from toolkit.data.readers import (
     read_fashion_mnist,
     read_imagefolder,
 )
+from toolkit.data.splits import EVAL_SPLITS, SPLITS, Holdout, holdout, stratified_holdout
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 SYNTHETIC_SIZE = 56  # px; a multiple of 14 so a DINOv2 ViT sees it at native resolution
@@ -42,9 +45,9 @@ REFERENCE_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float,
     "cars": ((0.4593, 0.4466, 0.4453), (0.2920, 0.2910, 0.2988)),
 }
 
-__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "REFERENCE_STATS", "ImageDataset", "Preprocess",
-           "balanced_subset", "describe", "load_dataset", "make_transform", "mask_to_grid", "preprocess_for",
-           "read_cub_class_attributes"]
+__all__ = ["EVAL_SPLITS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "REFERENCE_STATS", "SPLITS", "Holdout",
+           "ImageDataset", "Preprocess", "balanced_subset", "describe", "holdout", "load_dataset", "make_transform",
+           "mask_to_grid", "preprocess_for", "read_cub_class_attributes", "stratified_holdout"]
 
 
 class ImageDataset(Protocol):
@@ -99,8 +102,8 @@ def load_dataset(cfg: DataConfig, split: Literal["train", "test"]) -> ImageDatas
         FileNotFoundError: a metadata file or folder is missing (the message names it).
         ValueError: unknown split or dataset, or inconsistent metadata.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(cfg.root).expanduser() if cfg.root is not None else None
 
     def need_root() -> Path:

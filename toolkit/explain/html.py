@@ -23,7 +23,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from toolkit.explain.report import METRIC_INFO, format_metric, metric_label
+from toolkit.explain.report import METRIC_INFO, format_metric, metric_label, metric_rows, validation_note
 from toolkit.files import atomic_write_text
 from toolkit.metrics import MODELS, REPORTED
 
@@ -165,34 +165,35 @@ def box_chart(per_class: Sequence[dict[str, float]], classes: Sequence[str], hig
 def _metrics_section(metrics: dict[str, Any], classes: Sequence[str]) -> list[str]:
     ev = metrics.get("evaluation", {})
     out = ['<section id="metrics"><h2>Metrics</h2>',
-           '<table><tr><th>model</th>' + "".join(f"<th>{escape(metric_label(k, label))}</th>" for k, label in REPORTED)
-           + "</tr>"]
-    for name in MODELS:
-        sec = metrics.get(name, {})
-        out.append(f"<tr><td>{escape(name.replace('_', ' '))}</td>"
-                   + "".join(f'<td class="num">{format_metric(sec.get(k), pct=True)}</td>' for k, _ in REPORTED)
-                   + "</tr>")
-    p2 = metrics.get("linear_probe_dinov2")
-    if p2:  # accuracy only: a probe on concatenated tokens has no feature maps of its own
-        out.append("<tr><td>linear probe (DINOv2 protocol)</td>"
-                   + "".join(f'<td class="num">{format_metric(p2.get(k) if k == "accuracy" else None, pct=True)}</td>'
+           f"<p>{escape(validation_note(metrics))}</p>",
+           '<table><tr><th>model</th><th>split</th>'
+           + "".join(f"<th>{escape(metric_label(k, label))}</th>" for k, label in REPORTED) + "</tr>"]
+    for model, split, sec in metric_rows(metrics):
+        out.append(f"<tr><td>{escape(model)}</td><td>{escape(split)}</td>"
+                   + "".join(f'<td class="num">{format_metric((sec or {}).get(k), pct=True)}</td>'
                              for k, _ in REPORTED) + "</tr>")
+    p2 = metrics.get("linear_probe_dinov2")
     out.append("</table><p class=\"muted\">Values in %.")
     if p2:
         out.append(f" DINOv2-protocol probe: CLS of the last {escape(str(p2.get('n_blocks')))} block(s)"
                    + (" + average patch token" if p2.get("avgpool") else "")
-                   + f", lr {escape(str(p2.get('lr')))}, chosen on a held-out share of the train split.")
+                   + f", lr {escape(str(p2.get('lr')))}, chosen on "
+                   + escape(str(p2.get("chosen_on", "the validation split")))
+                   + "; its validation accuracy is the best of the heads it chose among, so it reads high.")
     if ev:
-        out.append(f" Accuracy on all {ev.get('test_images')} test images; SID@{ev.get('sid_k')} and plausibility on "
-                   f"{ev.get('map_images')} of them; class independence, contrastiveness and correlation on the "
-                   f"{ev.get('train_images')} train images.")
+        out.append(f" Accuracy on all {ev.get('test_images')} test images"
+                   + (f" and {ev.get('val_images')} validation images" if ev.get("val_images") else "")
+                   + f"; SID@{ev.get('sid_k')} and plausibility on {ev.get('map_images')} test images"
+                   + (f" and {ev.get('val_map_images')} validation images" if ev.get("val_images") else "")
+                   + "; class independence, contrastiveness and correlation on the "
+                   f"{ev.get('train_images')} train images trained on.")
     out.append("</p><ul>")
     for key, label in REPORTED:
         if key in METRIC_INFO:
             better, what = METRIC_INFO[key]
             out.append(f"<li><b>{escape(label.split(' (')[0])}</b> ({better} is better): {escape(what)}</li>")
     out.append("</ul>")
-    per = {m: metrics.get(m, {}).get("per_class_accuracy") for m in MODELS}
+    per = {m: (metrics.get(m, {}).get("test") or {}).get("per_class_accuracy") for m in MODELS}
     if any(isinstance(v, dict) for v in per.values()):
         out.append('<h3>Per-class test accuracy (%)</h3><table><tr><th>class</th>'
                    + "".join(f"<th>{escape(m.replace('_', ' '))}</th>" for m in MODELS) + "</tr>")
@@ -209,14 +210,17 @@ def _curves_section(histories: dict[str, list[dict[str, float]]]) -> list[str]:
     if not histories:
         return out + ["<p>No training history recorded (the stage directories are gone).</p>"]
     out.append('<p class="muted">Per epoch, as the trainer logged them (also in TensorBoard: <code>tensorboard '
-               "--logdir</code> on the run directory). Loss terms on the left, train accuracy on the right.</p>")
+               "--logdir</code> on the run directory). Loss terms on the left, train (and validation) accuracy on the "
+               "right.</p>")
     for stage, hist in histories.items():
-        keys = [k for k in hist[0] if k not in ("epoch", "seconds", "train_accuracy")] if hist else []
+        keys = [k for k in hist[0] if k not in ("epoch", "seconds", "train_accuracy", "val_accuracy")] if hist else []
         losses = {k: [h.get(k) for h in hist] for k in keys}
         acc = {"train accuracy": [h.get("train_accuracy") for h in hist]}
+        if hist and "val_accuracy" in hist[0]:
+            acc["validation accuracy"] = [h.get("val_accuracy") for h in hist]
         out.append(f"<h3>{escape(stage)} ({len(hist)} epochs)</h3><div>"
                    + line_chart(losses, title=f"{stage}: loss") + " "
-                   + line_chart(acc, title=f"{stage}: train accuracy") + "</div>")
+                   + line_chart(acc, title=f"{stage}: accuracy") + "</div>")
     return out
 
 
@@ -372,7 +376,8 @@ def write_html(run_dir: Path) -> Path:
             f"{_a('metrics.json', 'metrics.json')}, {_a('report.md', 'report.md')}, "
             f"{_a('config.yaml', 'config.yaml')}.</p><nav>{nav}</nav>",
             *_metrics_section(metrics, classes), "</section>", *_curves_section(index.get("histories", {})),
-            "</section>", *_qp_section(metrics.get("qp", {})), "</section>", *_global_section(index["global"]),
+            "</section>", *_qp_section(metrics.get("qp_certificate", {})), "</section>",
+            *_global_section(index["global"]),
             "</section>", *_feature_cards(atlas), "</section>", *_class_cards(index), "</section>",
             *_local_section(index, added), "</section>"]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from toolkit.console import Console
-from toolkit.data import load_dataset
+from toolkit.data import EVAL_SPLITS, load_dataset
 from toolkit.explain.atlas import build_atlas, render_atlas, thumbnails
 from toolkit.explain.render import render_contrast, render_global, render_local
 from toolkit.explain.views import contrast_explanation, explain_tokens, global_explanation
@@ -31,7 +31,7 @@ MAX_CLASS_CONTRASTS = 30  # class cards with a contrast figure (the most confuse
 # What every reported metric measures and which direction is better (docs/method.md#metrics): report.md,
 # report.html and the evaluate CLI print these, so no number appears without its meaning.
 METRIC_INFO: dict[str, tuple[str, str]] = {
-    "accuracy": ("higher", "share of test images whose top-1 class is right"),
+    "accuracy": ("higher", "share of the split's images (validation or test) whose top-1 class is right"),
     "sid_at_5": ("higher", "spatial diversity of the predicted class's 5 feature maps on the image (1/5 .. 1)"),
     "class_independence": ("higher", "how little any single class owns a feature's activation mass (train split)"),
     "contrastiveness": ("higher", "how cleanly each feature separates 'off' from 'on' (1 − overlap of a 2-Gaussian "
@@ -222,6 +222,40 @@ def pick_local_samples(logits: np.ndarray, labels: np.ndarray, classes: Sequence
     return picks[:N_LOCAL]
 
 
+SPLIT_LABELS = {"val": "validation", "test": "test"}
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """The rows of the metrics table: (model label, split label, that split's metrics or None), every model on
+    validation then test, side by side. The DINOv2-protocol probe has accuracy only (no feature maps of its own)."""
+    rows = []
+    models = [(m, m.replace("_", " ").replace("dino qpm", "DINO-QPM")) for m in MODELS]
+    if metrics.get("linear_probe_dinov2"):
+        models.insert(1, ("linear_probe_dinov2", "linear probe (DINOv2 protocol)"))
+    held = (metrics.get("validation") or {}).get("held_out", True)
+    for key, label in models:
+        sec = metrics.get(key) or {}
+        for split in EVAL_SPLITS:
+            if split == "val" and not held:
+                continue
+            part = sec.get(split)
+            if key == "linear_probe_dinov2" and part:
+                part = {"accuracy": part.get("accuracy")}
+            rows.append((label, SPLIT_LABELS[split], part))
+    return rows
+
+
+def validation_note(metrics: dict[str, Any]) -> str:
+    """One sentence on the validation split: its size and draw, or that nothing was held out."""
+    v = metrics.get("validation") or {}
+    if not v.get("held_out"):
+        return ("No validation split (data.val_fraction=0): every model trained on the whole train split; only test "
+                "metrics exist.")
+    return (f"Validation: {v['n_val']} train images held out (data.val_fraction={v['fraction']:g}, seed {v['seed']}, "
+            f"class-stratified); every model trained on the other {v['n_fit']}. Decisions read validation; test is "
+            "only reported.")
+
+
 def format_metric(v: Any, pct: bool = False) -> str:
     if v is None:
         return "n/a"
@@ -232,26 +266,25 @@ def write_report(run_dir: Path, metrics: dict[str, Any], views: dict[str, Any]) 
     """A short report.md: metrics table, QP certificate and the embedded explanation PNGs."""
     ev = metrics["evaluation"]
     glob, contrast = views["global"], views["contrast"]
-    lines = [f"# DINO-QPM run report: {run_dir.name}", "",
-             f"Test split: {ev['test_images']} images (accuracy); SID@{ev['sid_k']} and plausibility on "
-             + ("all of them; " if ev["map_images"] == ev["test_images"] else
-                f"{ev['map_images']} of them (seeded draw, seed {ev['map_images_seed']}); ")
-             + "class independence, "
-             f"contrastiveness and correlation on the {ev['train_images']} train images. Values in %.", "",
-             "| model | " + " | ".join(metric_label(k, label) for k, label in REPORTED) + " |",
-             "|---" * (len(REPORTED) + 1) + "|"]
-    for name in MODELS:
-        sec = metrics.get(name, {})
-        cells = " | ".join(format_metric(sec.get(k), pct=True) for k, _ in REPORTED)
-        lines.append(f"| {name.replace('_', ' ')} | {cells} |")
+    maps = ("all of them" if ev["map_images"] == ev["test_images"] else
+            f"{ev['map_images']} of them (seeded draw, seed {ev['map_images_seed']})")
+    lines = [f"# DINO-QPM run report: {run_dir.name}", "", validation_note(metrics), "",
+             f"Test split: {ev['test_images']} images (accuracy); SID@{ev['sid_k']} and plausibility on {maps}"
+             + (f"; validation: {ev.get('val_images')} images, maps on {ev.get('val_map_images')}"
+                if ev.get("val_images") else "") + "; class independence, "
+             f"contrastiveness and correlation on the {ev['train_images']} train images trained on. Values in %.", "",
+             "| model | split | " + " | ".join(metric_label(k, label) for k, label in REPORTED) + " |",
+             "|---" * (len(REPORTED) + 2) + "|"]
+    for model, split, sec in metric_rows(metrics):
+        cells = " | ".join(format_metric((sec or {}).get(k), pct=True) for k, _ in REPORTED)
+        lines.append(f"| {model} | {split} | {cells} |")
     p2 = metrics.get("linear_probe_dinov2")
-    if p2:  # accuracy only: a probe on concatenated tokens has no feature maps of its own
-        cells = " | ".join(format_metric(p2.get(k) if k == "accuracy" else None, pct=True) for k, _ in REPORTED)
-        lines += [f"| linear probe (DINOv2 protocol) | {cells} |", "",
-                  f"DINOv2-protocol probe: CLS of the last {p2.get('n_blocks')} block(s)"
-                  + (" + average patch token" if p2.get("avgpool") else "") + f", lr {p2.get('lr')}, chosen on a "
-                  "held-out share of the train split (docs/method.md#baselines)."]
-    qp = metrics.get("qp", {})
+    if p2:
+        lines += ["", f"DINOv2-protocol probe: CLS of the last {p2.get('n_blocks')} block(s)"
+                  + (" + average patch token" if p2.get("avgpool") else "") + f", lr {p2.get('lr')}, chosen on "
+                  f"{p2.get('chosen_on', 'the validation split')}; its validation accuracy is the best of the heads "
+                  "it chose among, so it reads high (docs/method.md#baselines)."]
+    qp = metrics.get("qp_certificate", {})
     formats = {"objective": "{:.6g}", "bound": "{:.6g}", "gap": "{:.3%}", "seconds": "{:.2f}"}
     cert = ", ".join(f"{k} " + (formats[k].format(qp[k]) if k in formats and isinstance(qp[k], (int, float))
                                 else str(qp[k])) for k in ("status", "objective", "bound", "gap", "solver",

@@ -17,7 +17,7 @@ from toolkit.metrics.plausibility import segmentation_overlaps
 
 # The models every run reports, and the metrics.json keys (with their report columns) written for each of them,
 # null when undefined.
-MODELS = ("linear_probe", "dense", "qpm")
+MODELS = ("linear_probe", "dense", "dino_qpm")
 SID_K = 5
 REPORTED = (("accuracy", "accuracy"), (f"sid_at_{SID_K}", f"SID@{SID_K}"), ("class_independence", "class indep."),
             ("contrastiveness", "contrastiveness"), ("correlation", "correlation (lower = better)"),

@@ -1,7 +1,7 @@
 """Stage `dense`: the adapter and dense head (CE + feature-diversity loss) trained on the token cache.
 
-Split(train, test) -> DenseResult: the dense model's checkpoint, its pooled train features (the input of the QP's
-A and R) and the per-feature mean/std that the sparse head freezes.
+Split(train fit rows, val, test) -> DenseResult: the dense model's checkpoint, its pooled fit-row features (the input of
+the QP's A and R) and the per-feature mean/std that the sparse head freezes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from toolkit.config import AdapterConfig, DenseConfig, to_dict
 from toolkit.distributed import dist_info, seed_everything
 from toolkit.files import write_json
 from toolkit.model import DinoQPM, build_dense_model, load_checkpoint, save_checkpoint
-from toolkit.train import Split, TrainContext, drop_work_dir, evaluate, train_model, work_dir
+from toolkit.train import Split, TrainContext, drop_work_dir, evaluate, scores, split_keys, train_model, work_dir
 
 
 @dataclass(frozen=True)
@@ -49,22 +49,22 @@ class DenseResult:
         return np.load(self.directory / "std.npy")
 
 
-def run_dense(*, train: Split, test: Split, adapter: AdapterConfig, cfg: DenseConfig, ctx: TrainContext,
-              root: Path, meta: dict[str, Any]) -> DenseResult:
-    """Train the dense model (adapter + dense head, CE + feature-diversity loss) and pool its train features."""
-    key = content_key("dense", {"adapter": to_dict(adapter), "dense": to_dict(cfg), "seed": ctx.seed},
-                      {"train": train.key, "test": test.key})
+def run_dense(*, train: Split, val: Split | None, test: Split, adapter: AdapterConfig, cfg: DenseConfig,
+              ctx: TrainContext, root: Path, meta: dict[str, Any]) -> DenseResult:
+    """Train the dense model (adapter + dense head, CE + feature-diversity loss) on the fit rows `train`, pool their
+    features (the QP's input) and score it on validation and test."""
+    upstream = split_keys(train, val, test)
+    key = content_key("dense", {"adapter": to_dict(adapter), "dense": to_dict(cfg), "seed": ctx.seed}, upstream)
 
     def build(tmp: Path) -> dict[str, Any]:
         seed_everything(ctx.seed)
         model = build_dense_model(adapter, in_dim=train.meta["embed_dim"], n_classes=len(train.classes),
                                   dropout=cfg.dropout, grid=train.grid)
-        history = train_model(model, train, cfg, ctx, name="dense", work=work_dir(root, "dense", key))
+        history = train_model(model, train, cfg, ctx, name="dense", work=work_dir(root, "dense", key), val=val)
         model = model.to(ctx.device)
         tr = evaluate(model, train.dataset(), batch_size=ctx.eval_batch_size, device=ctx.device,
                       backbone=ctx.backbone, console=ctx.console, desc="dense features (train)")
-        te = evaluate(model, test.dataset(), batch_size=ctx.eval_batch_size, device=ctx.device,
-                      backbone=ctx.backbone, console=ctx.console, desc="dense eval (test)")
+        acc = scores(model, val, test, ctx)
         assert tr.features is not None
         if not dist_info().is_main:  # every rank trained and evaluated; rank 0 alone writes
             return {}
@@ -76,10 +76,9 @@ def run_dense(*, train: Split, test: Split, adapter: AdapterConfig, cfg: DenseCo
         save_checkpoint(tmp / "checkpoint", model, kind="dense", adapter=adapter, embed_dim=train.meta["embed_dim"],
                         n_classes=len(train.classes), grid=train.grid, meta=meta)
         write_json(tmp / "history.json", history)
-        return {"train_accuracy": tr.accuracy, "accuracy": te.accuracy}
+        return {"train_accuracy": tr.accuracy, **acc}
 
     directory, manifest, _ = get_or_run(root, "dense", key, build, config={"adapter": to_dict(adapter),
-                                        "dense": to_dict(cfg)}, upstream={"train": train.key, "test": test.key},
-                                        log=ctx.console.log)
+                                        "dense": to_dict(cfg)}, upstream=upstream, log=ctx.console.log)
     drop_work_dir(root, "dense", key)
     return DenseResult(directory, key, manifest.metrics)

@@ -5,17 +5,20 @@ report.html.
 checkpoints; checkpoint/ = the DINO-QPM model), runs the models on the cached tokens (no backbone) and computes
 `metrics.compute_all` for each:
 
-* test split: accuracy on every image; the map metrics (SID@5, plausibility) on at most `max_map_images` images,
-  a seeded draw (runtime.seed) recorded under `evaluation` in metrics.json;
-* train split: the feature metrics (class independence, contrastiveness, correlation), as in the paper
-  (docs/method.md#metrics).
+* validation and test splits, each under its own key ({"val": {...}, "test": {...}} per model): accuracy on every
+  image; the map metrics (SID@5, plausibility) on at most `max_map_images` images of each, a seeded draw
+  (runtime.seed) recorded under `evaluation` in metrics.json. Validation is what a sweep decides on; test is only
+  reported. Without a validation split (data.val_fraction=0) "val" stays null;
+* train split (the fit rows the model trained on): the feature metrics (class independence, contrastiveness,
+  correlation), as in the paper (docs/method.md#metrics); they do not depend on the evaluation split, so "val"
+  and "test" hold the same values.
 
 What each model feeds in (`compute_all` documents the same mapping):
 
 * linear_probe: maps = raw patch tokens (N, D, h, w), weight = the probe's Linear weight (C, D), features = CLS
   tokens. The probe reads CLS, not the patches, so its GradCAM/SID are a comparison baseline, not its explanation.
 * dense: maps (N, F, h, w), the dense head weight (C, F), pooled features (N, F).
-* qpm: the k selected maps (N, k, h, w), the binary W (C, k) and the raw pooled features of the k selected maps,
+* dino_qpm: the k selected maps (N, k, h, w), the binary W (C, k) and the raw pooled features of the k selected maps,
   as the reference feeds them (its "final features"); class independence and contrastiveness are unchanged by the
   head's (f − μ)/σ, but the uncentred correlation is not (docs/method.md#differences).
   GradCAM uses W, not W/σ: that is the reference's definition, so plausibility stays comparable with the paper.
@@ -41,7 +44,7 @@ import torch
 
 from toolkit.cache import TokenStore
 from toolkit.console import Console
-from toolkit.data import read_cub_class_attributes
+from toolkit.data import EVAL_SPLITS, read_cub_class_attributes
 from toolkit.distributed import resolve_device
 from toolkit.explain.html import write_html
 from toolkit.explain.report import format_metric, metric_label, render_explanations, write_report
@@ -92,20 +95,20 @@ def class_attributes(run: Run) -> np.ndarray | None:
     return read_cub_class_attributes(Path(data.root).expanduser())
 
 
-def evaluate_model(model: torch.nn.Module, run: Run, keep: np.ndarray,
+def evaluate_model(model: torch.nn.Module, run: Run, split: Any, keep: np.ndarray, train_features: np.ndarray,
                    attributes: np.ndarray | None = None) -> dict[str, Any]:
-    """The metrics of one model (test split for accuracy and maps, train split for features)."""
-    logits, _, maps = model_outputs(model, run.test, keep=keep)
-    _, train_features, _ = model_outputs(model, run.train)
-    y = run.test.labels
-    masks = run.test.masks
+    """The metrics of one model on one evaluation split (`run.val` or `run.test`: accuracy and maps); the feature
+    metrics read `train_features`, (N_fit, F') of the fit rows."""
+    logits, _, maps = model_outputs(model, split, keep=keep)
+    y = split.labels
+    masks = split.masks
     out = compute_all(logits=logits[keep], labels=y[keep], maps=maps, features=train_features,
                       head_weight=head_weight(model), masks=None if masks is None else masks[keep], k=SID_K,
-                      seed=run.cfg.runtime.seed, feature_labels=run.train.labels, class_attributes=attributes)
+                      seed=run.cfg.runtime.seed, feature_labels=run.fit.labels, class_attributes=attributes)
     out["accuracy"] = accuracy(logits, y)
-    # Keyed by class name (null for a class without test images), so nobody has to know the label order.
+    # Keyed by class name (null for a class without images), so nobody has to know the label order.
     out["per_class_accuracy"] = {name: None if np.isnan(a) else float(a) for name, a in
-                                 zip(run.test.classes, per_class_accuracy(logits, y, n_classes=logits.shape[1]))}
+                                 zip(split.classes, per_class_accuracy(logits, y, n_classes=logits.shape[1]))}
     for key, _ in REPORTED:
         out.setdefault(key, None)
     return out
@@ -118,7 +121,8 @@ def _load(path: Path, device: torch.device) -> torch.nn.Module:
 
 def evaluate_run(run_dir: Path, *, max_map_images: int | None | str = FROM_RUN,
                  console: Console | None = None) -> dict[str, Any]:
-    """Metrics of the run's three models merged into run_dir/metrics.json, explanations and report.md.
+    """Metrics of the run's three models on validation and test merged into run_dir/metrics.json, explanations and
+    report.md.
 
     Args:
         run_dir: a run directory written by `run_pipeline` (until "finetune" or "evaluate").
@@ -136,32 +140,42 @@ def evaluate_run(run_dir: Path, *, max_map_images: int | None | str = FROM_RUN,
         max_map_images = run.cfg.evaluate.map_images
     elif isinstance(max_map_images, str):
         raise ValueError(f"max_map_images must be a number, None or {FROM_RUN!r}, got {max_map_images!r}")
-    keep = map_subset(len(run.test), max_map_images, run.cfg.runtime.seed)
+    splits = {"val": run.val, "test": run.test} if run.val is not None else {"test": run.test}
+    keeps = {name: map_subset(len(split), max_map_images, run.cfg.runtime.seed) for name, split in splits.items()}
     device = resolve_device(run.cfg.runtime)
-    console.log(f"evaluate: accuracy on {len(run.test)} test images; SID@{SID_K}/plausibility on {keep.size} of them"
-                + ("" if keep.size == len(run.test) else f" (seeded draw, seed {run.cfg.runtime.seed})")
-                + f"; feature metrics on {len(run.train)} train images")
+    console.log("evaluate: " + "; ".join(
+        f"{name}: accuracy on {len(split)} images, SID@{SID_K}/plausibility on {keeps[name].size}"
+        + ("" if keeps[name].size == len(split) else f" (seeded draw, seed {run.cfg.runtime.seed})")
+        for name, split in splits.items()) + f"; feature metrics on the {len(run.fit)} train images trained on"
+        + ("" if run.val is not None else "; no validation split (data.val_fraction=0)"))
     models = {"linear_probe": _load(run.stage_dir("probe") / "checkpoint", device),
               "dense": _load(run.stage_dir("dense") / "checkpoint", device),
-              "qpm": _load(run_dir / "checkpoint", device)}
+              "dino_qpm": _load(run_dir / "checkpoint", device)}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     attributes = class_attributes(run)
     for name, model in models.items():
-        new = evaluate_model(model, run, keep, attributes)
-        section = metrics.setdefault(name, {})
-        if "accuracy" in section and abs(section["accuracy"] - new["accuracy"]) > 1e-9:
-            console.warn(f"{name}: recomputed accuracy {new['accuracy']:.4f} differs from the pipeline's "
-                         f"{section['accuracy']:.4f}; keeping the pipeline's")
-        section.update({k: v for k, v in new.items() if not (k == "accuracy" and "accuracy" in section)})
-        console.log(f"evaluate {name}: " + ", ".join(f"{k}={format_metric(section.get(k))}" for k, _ in REPORTED))
-    metrics["evaluation"] = {"test_images": len(run.test), "map_images": int(keep.size),
-                             "map_images_seed": run.cfg.runtime.seed, "feature_split": "train",
-                             "train_images": len(run.train), "sid_k": SID_K, "plausibility": "gradcam_dilated",
+        _, train_features, _ = model_outputs(model, run.fit)
+        for split_name, split in splits.items():
+            new = evaluate_model(model, run, split, keeps[split_name], train_features, attributes)
+            section = metrics.setdefault(name, {}).get(split_name) or {}
+            old = section.get("accuracy")
+            if old is not None and abs(old - new["accuracy"]) > 1e-9:
+                console.warn(f"{name}: recomputed {split_name} accuracy {new['accuracy']:.4f} differs from the "
+                             f"pipeline's {old:.4f}; keeping the pipeline's")
+            section.update({k: v for k, v in new.items() if not (k == "accuracy" and old is not None)})
+            metrics[name][split_name] = section
+            console.log(f"evaluate {name} ({split_name}): "
+                        + ", ".join(f"{k}={format_metric(section.get(k))}" for k, _ in REPORTED))
+    metrics["evaluation"] = {"val_images": len(run.val) if run.val is not None else 0, "test_images": len(run.test),
+                             "map_images": int(keeps["test"].size),
+                             "val_map_images": int(keeps["val"].size) if "val" in keeps else 0,
+                             "map_images_seed": run.cfg.runtime.seed, "feature_split": "train (fit rows)",
+                             "train_images": len(run.fit), "sid_k": SID_K, "plausibility": "gradcam_dilated",
                              "qpm_gradcam_weight": "binary W (reference definition)",
                              "masks": run.test.masks is not None,
                              "structural_grounding": "cub class attributes" if attributes is not None else None}
     write_json(run_dir / "metrics.json", metrics)
-    qpm = models["qpm"]
+    qpm = models["dino_qpm"]
     assert isinstance(qpm, DinoQPM)
     t0 = time.perf_counter()
     views = render_explanations(qpm, run, run_dir / "explanations", console=console)
@@ -200,8 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {args.run / 'metrics.json'}, {args.run / 'report.md'}, {args.run / 'report.html'} and "
           f"{args.run / 'explanations'}/")
     for name in MODELS:
-        print(f"  {name}: " + ", ".join(f"{metric_label(k, label)}={format_metric(metrics[name].get(k))}"
-                                        for k, label in REPORTED))
+        for split in EVAL_SPLITS:
+            sec = metrics[name].get(split)
+            print(f"  {name} ({split}): " + (", ".join(f"{metric_label(k, label)}={format_metric(sec.get(k))}"
+                                                       for k, label in REPORTED) if sec else "no validation split"))
     return 0
 
 

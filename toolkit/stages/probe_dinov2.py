@@ -6,10 +6,13 @@ with the average patch token of the last block appended, and picks n, the poolin
 accuracy of every combination trained side by side. Its classifiers: `nn.Linear` with weights ~ N(0, 0.01), bias 0;
 SGD with momentum 0.9, no weight decay, cosine decay to 0, learning rates from a fixed grid times batch / 256.
 
-Here the choice is made honestly: on a seeded, class-stratified share (`val_fraction`) of the train split; the
-chosen combination is then retrained on the whole train split and scored once on the test split
-(docs/method.md#baselines). The features live in memory (N x at most 5 D floats), so every combination trains in
-one pass over mini-batches on the run's device; every rank computes the same result and rank 0 writes it.
+Here the choice is made honestly: every head trains on the fit rows of the train split and the best on the run's
+validation split (`data.val_fraction`, `toolkit.data.splits`) is kept and scored on validation and test
+(docs/method.md#baselines). With nothing held out (`data.val_fraction=0`) the probe still needs a choice: it draws
+the same kind of split itself (`OWN_VAL_FRACTION` of train, same function and seed), chooses there and retrains the
+chosen head on the whole train split, which is what it did before the run had a validation split. The features live
+in memory (N x at most 5 D floats), so every combination trains in one pass over mini-batches on the run's device;
+every rank computes the same result and rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from torch import nn
 
 from toolkit.artifacts import content_key, get_or_run
 from toolkit.cache import TokenStore
-from toolkit.config import ProbeDinov2Config, to_dict
+from toolkit.config import DataConfig, ProbeDinov2Config, to_dict
+from toolkit.data import stratified_holdout
 from toolkit.distributed import dist_info, seed_everything
 from toolkit.files import write_json
-from toolkit.train import TrainContext
+from toolkit.train import TrainContext, split_keys
+
+OWN_VAL_FRACTION = 0.1  # the probe's own held-out share when the run holds out nothing (data.val_fraction=0)
 
 
 def probe_inputs(store: TokenStore, n_blocks: int, avgpool: bool) -> np.ndarray:
@@ -44,19 +50,6 @@ def probe_inputs(store: TokenStore, n_blocks: int, avgpool: bool) -> np.ndarray:
     if avgpool:
         parts.append(np.asarray(store.patch_mean, dtype=np.float32))
     return np.concatenate(parts, 1)
-
-
-def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, val) indices: a seeded share `fraction` of every class (at least one sample if the class has two)."""
-    rng = np.random.default_rng(seed)
-    fit, val = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_val = int(round(fraction * len(idx)))
-        n_val = min(max(n_val, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        val.append(idx[:n_val])
-        fit.append(idx[n_val:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
 
 
 def train_heads(inputs: list[torch.Tensor], labels: torch.Tensor, lrs: list[float], n_classes: int, *,
@@ -108,11 +101,18 @@ def _accuracy(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((head(x).argmax(1) == y).double().mean()) if len(y) else 0.0
 
 
-def run_probe_dinov2(*, train: TokenStore, test: TokenStore, cfg: ProbeDinov2Config, ctx: TrainContext,
-                     root: Path) -> tuple[Path, dict[str, Any]]:
-    """Choose (n blocks, avgpool, lr) on a held-out share of train, retrain on all of train, score on test."""
-    key = content_key("probe_dinov2", {"probe_dinov2": to_dict(cfg), "seed": ctx.seed},
-                      {"train": train.key, "test": test.key})
+def run_probe_dinov2(*, train: Any, val: Any | None, test: TokenStore, cfg: ProbeDinov2Config, data: DataConfig,
+                     ctx: TrainContext, root: Path) -> tuple[Path, dict[str, Any]]:
+    """Choose (n blocks, avgpool, lr) on the validation rows, keep that head (trained on the fit rows `train`) and
+    score it on validation and test. `train` and `val` are TokenStore or `toolkit.cache.StoreRows` views.
+
+    Returns:
+        (directory, metrics: val_accuracy (None without a validation split), test_accuracy, train_accuracy and
+        the choice n_blocks, avgpool, lr, chosen_on).
+    """
+    upstream = split_keys(train, val, test)
+    own = {"own_val_fraction": OWN_VAL_FRACTION, "data_seed": data.seed} if val is None else {}
+    key = content_key("probe_dinov2", {"probe_dinov2": to_dict(cfg), "seed": ctx.seed, **own}, upstream)
 
     def build(tmp: Path) -> dict[str, Any]:
         seed_everything(ctx.seed)
@@ -121,34 +121,46 @@ def run_probe_dinov2(*, train: TokenStore, test: TokenStore, cfg: ProbeDinov2Con
         # A backbone shallower than n blocks offers only its own depth (tiny test backbones).
         variants = sorted({(min(n, available), bool(p)) for n, p in itertools.product(cfg.n_blocks, cfg.avgpool)})
         n_classes = len(train.classes)
-        y_all = torch.from_numpy(train.labels).to(dev)
-        fit, val = stratified_holdout(train.labels, cfg.val_fraction, ctx.seed)
-        feats = {v: torch.from_numpy(probe_inputs(train, *v)).to(dev) for v in variants}
-        heads = train_heads([feats[v][fit] for v in variants], y_all[fit], list(cfg.lrs), n_classes,
+        y_train = torch.from_numpy(np.asarray(train.labels)).to(dev)
+        x_train = {v: torch.from_numpy(probe_inputs(train, *v)).to(dev) for v in variants}
+        if val is not None:  # the run's validation split
+            x_fit, y_fit = x_train, y_train
+            x_val = {v: torch.from_numpy(probe_inputs(val, *v)).to(dev) for v in variants}
+            y_val = torch.from_numpy(np.asarray(val.labels)).to(dev)
+            chosen_on, n_fit, n_val = "the validation split (data.val_fraction)", len(y_fit), len(y_val)
+        else:  # nothing held out: the probe's own share of train, the same draw as the run's would be
+            fit, held = stratified_holdout(np.asarray(train.labels), OWN_VAL_FRACTION, data.seed)
+            x_fit, y_fit = {v: x[fit] for v, x in x_train.items()}, y_train[fit]
+            x_val, y_val = {v: x[held] for v, x in x_train.items()}, y_train[held]
+            chosen_on, n_fit, n_val = f"its own {OWN_VAL_FRACTION:g} share of train", len(fit), len(held)
+        heads = train_heads([x_fit[v] for v in variants], y_fit, list(cfg.lrs), n_classes,
                             epochs=cfg.epochs, batch_size=cfg.batch_size, seed=ctx.seed)
         grid = [{"n_blocks": v[0], "avgpool": v[1], "lr": lr,
-                 "val_accuracy": _accuracy(heads[i][j], feats[v][val], y_all[val])}
+                 "val_accuracy": _accuracy(heads[i][j], x_val[v], y_val)}
                 for i, v in enumerate(variants) for j, lr in enumerate(cfg.lrs)]
         best = max(range(len(grid)), key=lambda i: grid[i]["val_accuracy"])  # first of ties: fewer inputs, lower lr
         choice = grid[best]
         v = (choice["n_blocks"], choice["avgpool"])
-        ctx.console.log(f"probe_dinov2: chose n_blocks={v[0]} avgpool={v[1]} lr={choice['lr']:g} "
-                        f"(held-out accuracy {choice['val_accuracy']:.4f} of {len(grid)} heads)")
-        final = train_heads([feats[v]], y_all, [choice["lr"]], n_classes, epochs=cfg.epochs,
-                            batch_size=cfg.batch_size, seed=ctx.seed)[0][0]
+        ctx.console.log(f"probe_dinov2: chose n_blocks={v[0]} avgpool={v[1]} lr={choice['lr']:g} on "
+                        f"{chosen_on} (accuracy {choice['val_accuracy']:.4f} of {len(grid)} heads)")
+        final = heads[best // len(cfg.lrs)][best % len(cfg.lrs)]
+        if val is None:  # the own share was for choosing only: the kept head trains on the whole train split
+            final = train_heads([x_train[v]], y_train, [choice["lr"]], n_classes, epochs=cfg.epochs,
+                                batch_size=cfg.batch_size, seed=ctx.seed)[0][0]
         x_test = torch.from_numpy(probe_inputs(test, *v)).to(dev)
         y_test = torch.from_numpy(test.labels).to(dev)
-        acc = _accuracy(final, x_test, y_test)
-        train_acc = _accuracy(final, feats[v], y_all)
+        out = {"val_accuracy": choice["val_accuracy"] if val is not None else None,
+               "test_accuracy": _accuracy(final, x_test, y_test),
+               "train_accuracy": _accuracy(final, x_train[v], y_train),
+               "n_blocks": v[0], "avgpool": v[1], "lr": choice["lr"], "chosen_on": chosen_on}
         if not dist_info().is_main:
             return {}
         np.savez(tmp / "head.npz", weight=final.weight.detach().cpu().numpy(),
                  bias=final.bias.detach().cpu().numpy())
-        write_json(tmp / "selection.json", {"choice": choice, "grid": grid, "n_fit": int(len(fit)),
-                                            "n_val": int(len(val))})
-        return {"accuracy": acc, "train_accuracy": train_acc, "n_blocks": v[0], "avgpool": v[1],
-                "lr": choice["lr"], "val_accuracy": choice["val_accuracy"]}
+        write_json(tmp / "selection.json", {"choice": choice, "grid": grid, "n_fit": int(n_fit),
+                                            "n_val": int(n_val), "chosen_on": chosen_on})
+        return out
 
     directory, manifest, _ = get_or_run(root, "probe_dinov2", key, build, config={"probe_dinov2": to_dict(cfg)},
-                                        upstream={"train": train.key, "test": test.key}, log=ctx.console.log)
+                                        upstream=upstream, log=ctx.console.log)
     return directory, manifest.metrics

@@ -15,6 +15,8 @@ from toolkit.train.trainer import (
     TrainContext,
     drop_work_dir,
     make_engine_factory,
+    scores,
+    split_keys,
     split_outputs,
     train_model,
     work_dir,
@@ -22,4 +24,4 @@ from toolkit.train.trainer import (
 
 __all__ = ["Engine", "EngineFactory", "Outputs", "Split", "TorchEngine", "TrainContext", "drop_work_dir", "evaluate",
            "fit", "make_engine_factory", "make_loader", "make_optimizer", "make_scheduler", "micro_batch_size",
-           "split_outputs", "store_maps", "train_epoch", "train_model", "work_dir"]
+           "scores", "split_keys", "split_outputs", "store_maps", "train_epoch", "train_model", "work_dir"]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from toolkit.cache import TokenDataset, TokenStore
+from toolkit.cache import StoreRows, TokenDataset, TokenStore
 from toolkit.config import TrainConfig
 from toolkit.console import Console
 from toolkit.distributed import DistInfo, dist_info, set_rng_state
@@ -267,7 +267,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
 
 
 @torch.no_grad()
-def store_maps(model: nn.Module, store: TokenStore, rows: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+def store_maps(model: nn.Module, store: TokenStore | StoreRows, rows: np.ndarray, *,
+               batch_size: int = 256) -> np.ndarray:
     """Feature maps of the given samples of a cached split, in the order of `rows`.
 
     Returns:
@@ -278,10 +279,11 @@ def store_maps(model: nn.Module, store: TokenStore, rows: np.ndarray, *, batch_s
     core.eval()
     dev = next(core.parameters()).device
     rows = np.asarray(rows, dtype=np.int64)
+    data = store.dataset()  # a TokenDataset, over the store's rows or a view's (validation rows)
     h, w = store.grid
     out = []
     for start in range(0, len(rows), batch_size):
-        batch = TokenDataset(store).__getitems__(rows[start:start + batch_size].tolist())
+        batch = data.__getitems__(rows[start:start + batch_size].tolist())
         patch, cls = batch["patch"].to(dev), batch["cls"].to(dev)
         if isinstance(core, LinearProbe):
             out.append(patch.transpose(1, 2).reshape(len(patch), -1, h, w).cpu().numpy())
@@ -299,12 +301,20 @@ def micro_batch_size(cfg: TrainConfig, *, grad_accum: int, key: str) -> int:
     return cfg.batch_size // (world * grad_accum)
 
 
+def _val_accuracy(engine: Engine, val: Dataset, *, batch_size: int, backbone: nn.Module | None) -> float:
+    """Accuracy of the model being trained on the validation rows (the weights it would be evaluated with)."""
+    set_optimizer_mode(engine, train=False)  # schedule-free: score the averaged weights; train_epoch switches back
+    with torch.autocast(engine.device.type, dtype=engine.autocast_dtype or torch.float32,
+                        enabled=engine.autocast_dtype is not None):
+        return evaluate(engine.module, val, batch_size=batch_size, device=engine.device, backbone=backbone).accuracy
+
+
 def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, seed: int,
         backbone: nn.Module | None, console: Console, name: str, grad_accum: int = 1,
         resume: Callable[[Engine], dict[str, Any] | None] | None = None,
         checkpoint: Callable[[Engine, dict[str, Any], dict[str, Any]], None] | None = None,
         every: int = 0, on_epoch: Callable[[str, dict[str, float]], None] | None = None,
-        loader_options: dict[str, Any] | None = None) -> list[dict[str, float]]:
+        loader_options: dict[str, Any] | None = None, val: Dataset | None = None) -> list[dict[str, float]]:
     """Train for `cfg.epochs`, optionally resuming from and writing resumable checkpoints.
 
     Args:
@@ -318,6 +328,8 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
         on_epoch: called on every rank after each epoch (and its checkpoint) with (name, that epoch's history
             entry); sweeps use it to report progress to a scheduler.
         loader_options: DataLoader worker settings for image datasets (live mode).
+        val: the validation rows; when given, every epoch ends with their accuracy (`val_accuracy` in the history
+            and in what `on_epoch` receives: what a sweep's scheduler ranks trials on).
     """
     state = resume(engine) if resume else None
     history: list[dict[str, float]] = list(state["history"]) if state else []
@@ -353,6 +365,8 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
                               on_step=on_step, partial=state.get("partial") if state and epoch == start else None,
                               after_iter=restore)
         metrics["seconds"] = time.perf_counter() - t0
+        if val is not None:
+            metrics["val_accuracy"] = _val_accuracy(engine, val, batch_size=micro_batch, backbone=backbone)
         history.append({"epoch": epoch + 1, **{k: round(v, 6) for k, v in metrics.items()}})
         console.log(f"{name} epoch {epoch + 1}/{cfg.epochs}: "
                     + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

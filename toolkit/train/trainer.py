@@ -74,8 +74,10 @@ def drop_work_dir(root: Path, stage: str, key: str) -> None:
 
 
 def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainContext, *, name: str,
-                work: Path) -> list[dict[str, float]]:
+                work: Path, val: Split | None = None) -> list[dict[str, float]]:
     """Train `model` in place on the train split through an engine; resumable from `work/resume`.
+
+    With `val` (the validation rows), every epoch's history entry also holds `val_accuracy`.
 
     Under several ranks the BatchNorms pool their statistics over all ranks while training (`SyncBatchNorm1d`), so
     N ranks train the model one process would. Afterwards `model` holds the engine's fp32 master weights (not the
@@ -121,7 +123,8 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
         history = fit(engine, dataset, cfg, micro_batch=micro, seed=ctx.seed, backbone=ctx.backbone,
                       console=ctx.console, name=name, grad_accum=ctx.grad_accum, resume=resume,
                       checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
-                      every=ctx.checkpoint_every, on_epoch=ctx.on_epoch, loader_options=ctx.loader_options)
+                      every=ctx.checkpoint_every, on_epoch=ctx.on_epoch, loader_options=ctx.loader_options,
+                      val=val.dataset() if val is not None else None)
         master = engine.master_state_dict()
     finally:
         revert_sync_batchnorm(model)
@@ -135,6 +138,17 @@ def split_outputs(model: nn.Module, store: Split, ctx: TrainContext) -> Outputs:
     """Logits and pooled features of `model` on a cached split."""
     return evaluate(model.to(ctx.device), store.dataset(), batch_size=ctx.eval_batch_size, device=ctx.device,
                     backbone=ctx.backbone)
+
+
+def scores(model: nn.Module, val: Split | None, test: Split, ctx: TrainContext) -> dict[str, float | None]:
+    """{"val_accuracy": ... (None when nothing is held out), "test_accuracy": ...} of `model`."""
+    return {"val_accuracy": split_outputs(model, val, ctx).accuracy if val is not None else None,
+            "test_accuracy": split_outputs(model, test, ctx).accuracy}
+
+
+def split_keys(train: Split, val: Split | None, test: Split) -> dict[str, str]:
+    """What a training stage hashes of its splits: the fit rows, the validation rows (when held out) and test."""
+    return {"train": train.key, **({"val": val.key} if val is not None else {}), "test": test.key}
 
 
 def make_engine_factory(runtime: RuntimeConfig, device: torch.device, precision: str) -> EngineFactory:
