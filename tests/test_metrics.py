@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from toolkit.metrics import (
+    MetricUndefined,
     _common,
     accuracy,
     class_independence,
@@ -321,6 +322,20 @@ def test_compute_all_restricts_feature_metrics_to_used_columns_and_checks_labels
         compute_all(**{**inputs, "features": train}, k=3)
     out = compute_all(**{**inputs, "features": train}, feature_labels=np.arange(20) % 3, k=3)
     assert out["class_independence"] == pytest.approx(class_independence(train[:, :5], np.arange(20) % 3))
+
+
+def test_a_metric_the_data_cannot_define_is_left_out_with_its_reason_a_bug_still_raises() -> None:
+    inputs = _toy_inputs(True)
+    disjoint = np.kron(np.eye(3), np.ones((1, 4)))  # (3, 12): no two classes share an attribute
+    out = compute_all(**inputs, k=3, class_attributes=disjoint)
+    assert "structural_grounding" not in out and "sid_at_3" in out
+    assert set(out["undefined"]) == {"structural_grounding"}
+    assert "sum to ≤ 0" in out["undefined"]["structural_grounding"]
+    with pytest.raises(MetricUndefined):
+        structural_grounding(inputs["head_weight"], class_attributes=disjoint)
+    with pytest.raises(ValueError, match="covers 4 classes") as e:  # 4 attribute rows for 3 classes: not data
+        compute_all(**inputs, k=3, class_attributes=np.ones((4, 12)))
+    assert not isinstance(e.value, MetricUndefined)
 
 
 def test_em_loop_is_scikit_learns() -> None:

@@ -380,3 +380,29 @@ def test_diversity_loss_splits_the_gradient_of_tied_channels() -> None:
     assert loss.item() == pytest.approx(-1 / np.sqrt(2), rel=1e-4)
     g = maps.grad[0]
     assert torch.allclose(g[0], g[1]) and g[0].abs().sum() > 0 and g[2].abs().sum() == 0
+
+
+def test_classes_sharing_no_attribute_give_grounding_na_with_its_reason_not_a_stopped_run(tmp_path: Path) -> None:
+    """A CUB-layout dataset whose classes share no attribute: Structural Grounding has no ground truth to compare
+    with. Every model trains, the run ends with its report, and the metric is n/a with its reason everywhere."""
+    parent = make_cub(tmp_path / "data", per_class=(3, 1))
+    cont = np.zeros((3, 12))
+    for c in range(3):
+        cont[c, 4 * c:4 * c + 4] = 50.0  # disjoint attribute sets: every class pair has similarity 0
+    (parent / "CUB_200_2011" / "attributes" / "class_attribute_labels_continuous.txt").write_text(
+        "".join(" ".join(f"{v:.1f}" for v in row) + "\n" for row in cont))
+    cfg = load_config(REPO / "configs" / "cub.yaml", _tiny_overrides(tmp_path, "cub", parent)
+                      + ["probe_dinov2.enabled=false", "dense.epochs=1", "finetune.epochs=1", "probe.epochs=1"])
+    result = run_pipeline(cfg, preset="cub")
+    m = json.loads((result.run_dir / "metrics.json").read_text())
+    for name in ("linear_probe", "dense", "dino_qpm"):
+        for split in ("val", "test"):
+            sec = m[name][split]
+            assert sec["structural_grounding"] is None
+            assert "share no attribute" in sec["undefined"]["structural_grounding"]
+            assert sec["accuracy"] is not None and sec["class_independence"] is not None  # the others are measured
+    report = (result.run_dir / "report.md").read_text()
+    assert "DINO-QPM (test): struct. grounding n/a: the chosen ground-truth similarities sum to ≤ 0" in report
+    assert "share no attribute" in (result.run_dir / "report.html").read_text()
+    log = (result.run_dir / "log.txt").read_text()
+    assert "structural_grounding=n/a (the chosen ground-truth similarities sum to ≤ 0" in log

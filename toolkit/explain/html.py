@@ -23,7 +23,14 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from toolkit.explain.report import METRIC_INFO, format_metric, metric_label, metric_rows, validation_note
+from toolkit.explain.report import (
+    METRIC_INFO,
+    format_metric,
+    metric_label,
+    metric_rows,
+    undefined_notes,
+    validation_note,
+)
 from toolkit.files import atomic_write_text
 from toolkit.metrics import MODELS, REPORTED
 
@@ -173,7 +180,10 @@ def _metrics_section(metrics: dict[str, Any], classes: Sequence[str]) -> list[st
                    + "".join(f'<td class="num">{format_metric((sec or {}).get(k), pct=True)}</td>'
                              for k, _ in REPORTED) + "</tr>")
     p2 = metrics.get("linear_probe_dinov2")
-    out.append("</table><p class=\"muted\">Values in %.")
+    notes = undefined_notes(metrics)
+    out.append("</table>" + ("<p>Not computable on this data (n/a above):</p><ul>"
+                             + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>" if notes else "")
+               + "<p class=\"muted\">Values in %.")
     if p2:
         out.append(f" DINOv2-protocol probe: CLS of the last {escape(str(p2.get('n_blocks')))} block(s)"
                    + (" + average patch token" if p2.get("avgpool") else "")

@@ -256,6 +256,13 @@ def validation_note(metrics: dict[str, Any]) -> str:
             "only reported.")
 
 
+def undefined_notes(metrics: dict[str, Any]) -> list[str]:
+    """One line per metric the data could not define: "<model> (<split>): <metric> n/a: <reason>"."""
+    labels = dict(REPORTED)
+    return [f"{model} ({split}): {labels.get(k, k)} n/a: {why}" for model, split, sec in metric_rows(metrics)
+            for k, why in ((sec or {}).get("undefined") or {}).items()]
+
+
 def format_metric(v: Any, pct: bool = False) -> str:
     if v is None:
         return "n/a"
@@ -278,6 +285,9 @@ def write_report(run_dir: Path, metrics: dict[str, Any], views: dict[str, Any]) 
     for model, split, sec in metric_rows(metrics):
         cells = " | ".join(format_metric((sec or {}).get(k), pct=True) for k, _ in REPORTED)
         lines.append(f"| {model} | {split} | {cells} |")
+    notes = undefined_notes(metrics)
+    if notes:
+        lines += ["", "Not computable on this data (n/a above):", "", *(f"- {n}" for n in notes)]
     p2 = metrics.get("linear_probe_dinov2")
     if p2:
         lines += ["", f"DINOv2-protocol probe: CLS of the last {p2.get('n_blocks')} block(s)"

@@ -5,7 +5,7 @@ Modules: `accuracy` (top-1, per class), `diversity` (SID@k), `features` (Class-I
 Grounding) and `report` (`compute_all`, the flat dict written to metrics.json).
 """
 
-from toolkit.metrics._common import predictions_from_logits, relevant_features
+from toolkit.metrics._common import MetricUndefined, predictions_from_logits, relevant_features
 from toolkit.metrics.accuracy import accuracy, per_class_accuracy
 from toolkit.metrics.contrastiveness import contrastiveness, fit_gmm_1d, gaussian_overlap
 from toolkit.metrics.diversity import sid_at_k, sid_per_image, spatial_softmax, top_k_features
@@ -25,6 +25,7 @@ from toolkit.metrics.report import MODELS, REPORTED, SID_K, compute_all
 
 __all__ = [
     "MODELS",
+    "MetricUndefined",
     "REPORTED",
     "SID_K",
     "VARIANTS",

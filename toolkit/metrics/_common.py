@@ -16,6 +16,11 @@ import numpy as np
 CHUNK_ELEMENTS = 1 << 22
 
 
+class MetricUndefined(ValueError):
+    """A metric has no value on the data at hand (e.g. classes that share no attribute), not a bug: `compute_all`
+    reports it as null with this message as its reason, and the run goes on."""
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """Returns `x` as a numpy array without changing its dtype where numpy has it (no copy for CPU arrays).
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.metrics._common import as_float
+from toolkit.metrics._common import MetricUndefined, as_float
 
 EPS = 1e-12
 
@@ -48,6 +48,9 @@ def structural_grounding(head_weight: Any, *, class_attributes: Any = None, gt_s
 
     Returns:
         The ratio; 1 means the head reproduces the ground-truth similarity of the most similar pairs.
+
+    Raises:
+        MetricUndefined: the chosen ground-truth similarities sum to ≤ 0 (no two classes share an attribute).
     """
     s_w = cosine_similarity_rows(head_weight)
     if gt_similarity is not None:
@@ -63,5 +66,6 @@ def structural_grounding(head_weight: Any, *, class_attributes: Any = None, gt_s
     chosen = np.argsort(-flat_gt, kind="stable")[:top]
     denom = flat_gt[chosen].sum()
     if denom <= 0:
-        raise ValueError("the chosen ground-truth similarities sum to ≤ 0")
+        raise MetricUndefined(f"the chosen ground-truth similarities sum to ≤ 0 ({denom:.3g}): the {top} most similar "
+                              "class pairs share no attribute, so there is no similarity for the head to reproduce")
     return float(s_w.ravel()[chosen].sum() / denom)

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from toolkit.metrics._common import as_float, as_labels, as_maps, predictions_from_logits, relevant_features
+from toolkit.metrics._common import (
+    MetricUndefined,
+    as_float,
+    as_labels,
+    as_maps,
+    predictions_from_logits,
+    relevant_features,
+)
 from toolkit.metrics.accuracy import accuracy, per_class_accuracy
 from toolkit.metrics.contrastiveness import contrastiveness
 from toolkit.metrics.diversity import sid_at_k
@@ -63,7 +71,9 @@ def compute_all(*, logits: Any, labels: Any, maps: Any, features: Any, head_weig
 
     Returns:
         Floats (and the list `per_class_accuracy`, null for classes without samples); a metric whose value is
-        undefined (e.g. SID@k when no predicted class has k nonzero weights) is left out.
+        undefined (e.g. SID@k when no predicted class has k nonzero weights) is left out. A metric that raises
+        `MetricUndefined` on this data is left out too, with its reason under "undefined" ({key: reason}); any
+        other error propagates (a bug, or inputs that do not fit together).
     """
     pred = predictions_from_logits(logits)
     y = as_labels(labels, n=pred.shape[0])
@@ -85,25 +95,33 @@ def compute_all(*, logits: Any, labels: Any, maps: Any, features: Any, head_weig
         "accuracy": accuracy(logits, y),
         "per_class_accuracy": [_finite_or_none(a) for a in per_class_accuracy(logits, y, n_classes=n_classes)],
     }
-    sid = sid_at_k(m, w, pred, k=k)
-    if not math.isnan(sid):
-        out[f"sid_at_{k}"] = sid
+    undefined: dict[str, str] = {}
 
+    def measure(key: str, fn: Callable[[], Any]) -> None:
+        try:
+            value = fn()
+        except MetricUndefined as e:  # the data allow no value: n/a with its reason, never a stopped run
+            undefined[key] = str(e)
+            return
+        if not (isinstance(value, float) and math.isnan(value)):
+            out[key] = value
+
+    measure(f"sid_at_{k}", lambda: sid_at_k(m, w, pred, k=k))
     used = f[:, relevant_features(w)]
     if used.shape[1] >= 1:
-        ci = class_independence(used, f_labels, n_classes=n_classes)
-        if not math.isnan(ci):
-            out["class_independence"] = ci
+        measure("class_independence", lambda: class_independence(used, f_labels, n_classes=n_classes))
         if used.shape[0] >= 2:
-            out["contrastiveness"] = contrastiveness(used, seed=seed)
+            measure("contrastiveness", lambda: contrastiveness(used, seed=seed))
     if used.shape[1] >= 2:
-        out["correlation"] = correlation(used)
+        measure("correlation", lambda: correlation(used))
 
     if masks is not None:
         overlaps = segmentation_overlaps(m, w, pred, masks)
         out["plausibility"] = overlaps["plausibility_gradcam_dilated"]
         out.update(overlaps)
     if class_attributes is not None:
-        out["structural_grounding"] = structural_grounding(w[:, relevant_features(w)],
-                                                           class_attributes=class_attributes)
+        measure("structural_grounding", lambda: structural_grounding(w[:, relevant_features(w)],
+                                                                     class_attributes=class_attributes))
+    if undefined:
+        out["undefined"] = undefined
     return out

@@ -25,7 +25,10 @@ What each model feeds in (`compute_all` documents the same mapping):
   (W/σ would make the GradCAM sum to the logit up to a constant; SID@5 is the same either way for m ≥ 5.)
 
 Every metric key of `REPORTED` is present for every model; a value that is undefined is null (e.g. SID@5 when a
-class has fewer than 5 features, plausibility without masks). The pipeline's accuracies are kept; everything is
+class has fewer than 5 features, plausibility without masks). A metric the data at hand cannot define (it raises
+`metrics.MetricUndefined`, e.g. Structural Grounding when no two classes share an attribute) is null with its reason
+under the section's "undefined" ({metric: reason}), in the console line and under the report's table; the run goes
+on. The pipeline's accuracies are kept; everything is
 seeded and no timing goes into metrics.json, so reruns give an identical file.
 """
 
@@ -162,10 +165,13 @@ def evaluate_run(run_dir: Path, *, max_map_images: int | None | str = FROM_RUN,
             if old is not None and abs(old - new["accuracy"]) > 1e-9:
                 console.warn(f"{name}: recomputed {split_name} accuracy {new['accuracy']:.4f} differs from the "
                              f"pipeline's {old:.4f}; keeping the pipeline's")
+            section.pop("undefined", None)  # reasons of an earlier evaluation; this one's come with `new`
             section.update({k: v for k, v in new.items() if not (k == "accuracy" and old is not None)})
             metrics[name][split_name] = section
+            why = section.get("undefined", {})
             console.log(f"evaluate {name} ({split_name}): "
-                        + ", ".join(f"{k}={format_metric(section.get(k))}" for k, _ in REPORTED))
+                        + ", ".join(f"{k}={format_metric(section.get(k))}" + (f" ({why[k]})" if k in why else "")
+                                    for k, _ in REPORTED))
     metrics["evaluation"] = {"val_images": len(run.val) if run.val is not None else 0, "test_images": len(run.test),
                              "map_images": int(keeps["test"].size),
                              "val_map_images": int(keeps["val"].size) if "val" in keeps else 0,
