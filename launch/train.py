@@ -18,6 +18,7 @@ from pathlib import Path
 from toolkit.config import ConfigError, dump_config, load_config
 from toolkit.distributed import dist_info, shutdown_distributed
 from toolkit.pipeline import UNTIL, check_until, run_dir_for, run_pipeline
+from toolkit.train import DivergedError
 
 
 def _until(value: str) -> str:
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DivergedError as e:  # every rank stops at the same step and says so
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         shutdown_distributed()
     if dist_info().is_main:  # one line per run, not one per rank

@@ -8,7 +8,16 @@
 """
 
 from toolkit.train.engine import Engine, TorchEngine, make_optimizer, make_scheduler
-from toolkit.train.loop import Outputs, evaluate, fit, make_loader, micro_batch_size, store_maps, train_epoch
+from toolkit.train.loop import (
+    DivergedError,
+    Outputs,
+    evaluate,
+    fit,
+    make_loader,
+    micro_batch_size,
+    store_maps,
+    train_epoch,
+)
 from toolkit.train.trainer import (
     EngineFactory,
     Split,
@@ -22,6 +31,7 @@ from toolkit.train.trainer import (
     work_dir,
 )
 
-__all__ = ["Engine", "EngineFactory", "Outputs", "Split", "TorchEngine", "TrainContext", "drop_work_dir", "evaluate",
-           "fit", "make_engine_factory", "make_loader", "make_optimizer", "make_scheduler", "micro_batch_size",
-           "scores", "split_keys", "split_outputs", "store_maps", "train_epoch", "train_model", "work_dir"]
+__all__ = ["DivergedError", "Engine", "EngineFactory", "Outputs", "Split", "TorchEngine", "TrainContext",
+           "drop_work_dir", "evaluate", "fit", "make_engine_factory", "make_loader", "make_optimizer", "make_scheduler",
+           "micro_batch_size", "scores", "split_keys", "split_outputs", "store_maps", "train_epoch", "train_model",
+           "work_dir"]

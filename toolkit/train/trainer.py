@@ -124,7 +124,7 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
                       console=ctx.console, name=name, grad_accum=ctx.grad_accum, resume=resume,
                       checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
                       every=ctx.checkpoint_every, on_epoch=ctx.on_epoch, loader_options=ctx.loader_options,
-                      val=val.dataset() if val is not None else None)
+                      val=val.dataset() if val is not None else None, checkpoint_dir=resume_dir)
         master = engine.master_state_dict()
     finally:
         revert_sync_batchnorm(model)
