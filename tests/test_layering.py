@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Top-level modules and packages of toolkit, from the foundation up; imports flow from later to earlier entries.
-ORDER = ["config", "files", "distributed", "console", "fingerprint", "artifacts", "data", "model", "cache", "train",
-         "qp", "metrics", "runs", "explain", "stages", "pipeline"]
+ORDER = ["config", "files", "runlock", "distributed", "console", "fingerprint", "artifacts", "data", "model", "cache",
+         "train", "qp", "metrics", "runs", "explain", "stages", "pipeline"]
 APPS = ("launch", "tune", "export", "serve")
 
 

@@ -35,6 +35,7 @@ from toolkit.data import EVAL_SPLITS, SPLITS, holdout, load_dataset
 from toolkit.distributed import (
     DistInfo,
     barrier,
+    broadcast_object,
     deepspeed_requested,
     init_distributed,
     resolve_device,
@@ -43,6 +44,7 @@ from toolkit.distributed import (
 )
 from toolkit.files import write_json
 from toolkit.model import Backbone, create_backbone
+from toolkit.runlock import RunDirBusyError, RunLock
 from toolkit.stages.dense import DenseResult, run_dense
 from toolkit.stages.evaluate import evaluate_run
 from toolkit.stages.finetune import run_finetune
@@ -142,9 +144,22 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate", preset: str | None 
     datasets = {split: load_dataset(cfg.data, split) for split in SPLITS}
     created = not run_dir.exists()
     barrier()  # every rank has looked before rank 0 creates it
+    lock = RunLock(run_dir)
+    busy = None
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        taken_over: list[str] = []
+        try:  # one live job per run directory; a killed job's directory is taken over (toolkit.runlock)
+            lock.acquire(log=taken_over.append)
+        except RunDirBusyError as e:
+            busy = str(e)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            for line in taken_over:
+                Console(progress=False, log_file=run_dir / "log.txt").log(line)
+    busy = broadcast_object(busy)  # every rank refuses, none waits in a collective for rank 0
+    if busy is not None:
+        raise RunDirBusyError(busy)
     barrier()
     stages: dict[str, dict[str, Any]] = {}
     try:
@@ -153,6 +168,8 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate", preset: str | None 
         if created and not stages and info.is_main:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        lock.release()
 
 
 def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages: dict[str, dict[str, Any]], *,
