@@ -17,6 +17,7 @@ from pathlib import Path
 
 from toolkit.config import ConfigError, dump_config, load_config
 from toolkit.distributed import dist_info, shutdown_distributed
+from toolkit.files import DiskFullError
 from toolkit.pipeline import UNTIL, check_until, run_dir_for, run_pipeline
 from toolkit.train import DivergedError
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = run_pipeline(cfg, until=args.until, preset=preset)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except DivergedError as e:  # every rank stops at the same step and says so

@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 
 from toolkit import __version__
 from toolkit.distributed import barrier, broadcast_object, dist_info
-from toolkit.files import atomic_write_text, jsonable
+from toolkit.files import DiskFullError, atomic_write_text, disk_full, is_disk_full, jsonable
 from toolkit.fingerprint import is_stage, stage_fingerprint
 
 MANIFEST = "manifest.json"
@@ -223,9 +223,15 @@ def get_or_run(
             barrier()
             if main:
                 _publish(tmp, final, stage, key, config, upstream, metrics, t0)
-        except BaseException:
+        except BaseException as e:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e) and not isinstance(e, DiskFullError):
+                assert isinstance(e, OSError)
+                raise disk_full(e, final.parent, f"the {stage} artefact or its checkpoints",
+                                "The partial artefact was removed and nothing was published; free space (or point "
+                                "cache.root at a bigger disk) and rerun the same command (with --resume, training "
+                                "continues from its last checkpoint)") from e
             raise
         barrier()
     finally:

@@ -292,16 +292,35 @@ def token_key(data: DataConfig, backbone: BackboneConfig, split: str, ids: list[
     return content_key("tokens", slice_), slice_
 
 
-def allocate_store(out: Path, *, n: int, grid: tuple[int, int], dim: int, masks: bool, cls_blocks: int = 1) -> None:
-    """Create the (zero-filled) memory maps of a store so that several processes can fill them."""
-    p = grid[0] * grid[1]
-    np.lib.format.open_memmap(out / "patch.npy", mode="w+", dtype=np.float16, shape=(n, p, dim)).flush()
-    np.lib.format.open_memmap(out / "cls.npy", mode="w+", dtype=np.float16, shape=(n, dim)).flush()
-    np.lib.format.open_memmap(out / "cls_blocks.npy", mode="w+", dtype=np.float16,
-                              shape=(n, cls_blocks, dim)).flush()
-    np.lib.format.open_memmap(out / "patch_mean.npy", mode="w+", dtype=np.float32, shape=(n, dim)).flush()
+def store_arrays(*, n: int, grid: tuple[int, int], dim: int, masks: bool,
+                 cls_blocks: int = 1) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """The memory-mapped arrays of a store: file name -> (dtype, shape)."""
+    out: dict[str, tuple[Any, tuple[int, ...]]] = {
+        "patch.npy": (np.float16, (n, grid[0] * grid[1], dim)), "cls.npy": (np.float16, (n, dim)),
+        "cls_blocks.npy": (np.float16, (n, cls_blocks, dim)), "patch_mean.npy": (np.float32, (n, dim))}
     if masks:
-        np.lib.format.open_memmap(out / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, *grid)).flush()
+        out["masks.npy"] = (np.uint8, (n, *grid))
+    return out
+
+
+def store_bytes(*, n: int, grid: tuple[int, int], dim: int, masks: bool, cls_blocks: int = 1) -> int:
+    """Bytes a store needs: images x tokens x width x 2 (patch.npy, fp16) plus the smaller arrays, labels and
+    headers (a page per file for the headers, meta.json and manifest.json)."""
+    arrays = store_arrays(n=n, grid=grid, dim=dim, masks=masks, cls_blocks=cls_blocks)
+    data = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for dtype, shape in arrays.values())
+    return data + 8 * n + 4096 * (len(arrays) + 3)
+
+
+def allocate_store(out: Path, *, n: int, grid: tuple[int, int], dim: int, masks: bool, cls_blocks: int = 1) -> None:
+    """Create the (zero-filled) memory maps of a store so that several processes can fill them.
+
+    The files' blocks are reserved now (posix_fallocate): a full disk fails here with ENOSPC, not later as a SIGBUS
+    of a write into a sparse memory map.
+    """
+    for name, (dtype, shape) in store_arrays(n=n, grid=grid, dim=dim, masks=masks, cls_blocks=cls_blocks).items():
+        np.lib.format.open_memmap(out / name, mode="w+", dtype=dtype, shape=shape).flush()
+        with open(out / name, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
 
 
 def loader_options(num_workers: int | str, pin_memory: bool, device: torch.device) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import Any
 from toolkit import __version__
 from toolkit.artifacts import was_cached
 from toolkit.cache import holdout_views, loader_options
-from toolkit.config import ConfigError, RunConfig, load_config, save_config, to_dict
+from toolkit.config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from toolkit.console import Console
 from toolkit.data import EVAL_SPLITS, SPLITS, holdout, load_dataset
 from toolkit.distributed import (
@@ -42,9 +43,9 @@ from toolkit.distributed import (
     resolve_precision,
     seed_everything,
 )
-from toolkit.files import write_json
+from toolkit.files import DiskFullError, atomic_write_text, disk_full, is_disk_full, write_json
 from toolkit.model import Backbone, create_backbone
-from toolkit.runlock import RunDirBusyError, RunLock
+from toolkit.runlock import RunLock
 from toolkit.stages.dense import DenseResult, run_dense
 from toolkit.stages.evaluate import evaluate_run
 from toolkit.stages.finetune import run_finetune
@@ -145,31 +146,45 @@ def run_pipeline(cfg: RunConfig, *, until: str = "evaluate", preset: str | None 
     created = not run_dir.exists()
     barrier()  # every rank has looked before rank 0 creates it
     lock = RunLock(run_dir)
-    busy = None
-    if info.is_main:
-        taken_over: list[str] = []
-        try:  # one live job per run directory; a killed job's directory is taken over (toolkit.runlock)
-            lock.acquire(log=taken_over.append)
-        except RunDirBusyError as e:
-            busy = str(e)
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            for line in taken_over:
-                Console(progress=False, log_file=run_dir / "log.txt").log(line)
-    busy = broadcast_object(busy)  # every rank refuses, none waits in a collective for rank 0
-    if busy is not None:
-        raise RunDirBusyError(busy)
-    barrier()
-    stages: dict[str, dict[str, Any]] = {}
     try:
-        return _run_stages(cfg, run_dir, datasets, stages, info=info, until=until, on_epoch=on_epoch)
-    except BaseException:
-        if created and not stages and info.is_main:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        _start_run_dir(cfg, run_dir, lock, info)
+        stages: dict[str, dict[str, Any]] = {}
+        try:
+            return _run_stages(cfg, run_dir, datasets, stages, info=info, until=until, on_epoch=on_epoch)
+        except BaseException as e:
+            if created and not stages and info.is_main:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if is_disk_full(e) and not isinstance(e, DiskFullError):
+                assert isinstance(e, OSError)
+                raise disk_full(e, run_dir, "the run directory", "Free space there (or set runtime.output_dir to "
+                                "a bigger disk) and rerun the same command: finished stages are loaded from the "
+                                "cache") from e
+            raise
     finally:
         lock.release()
+
+
+def _start_run_dir(cfg: RunConfig, run_dir: Path, lock: RunLock, info: DistInfo) -> None:
+    """Rank 0 takes the run directory's lock (`toolkit.runlock`) and writes config.yaml; every rank learns whether
+    that worked, so none waits in a collective for a rank 0 that stopped."""
+    failure: BaseException | None = None
+    if info.is_main:
+        taken_over: list[str] = []
+        try:  # one live job per run directory; a killed job's directory is taken over
+            lock.acquire(log=taken_over.append)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))  # never half a config, even on a full disk
+            for line in taken_over:
+                Console(progress=False, log_file=run_dir / "log.txt").log(line)
+        except OSError as e:
+            failure = disk_full(e, run_dir, "the run directory", "Free space there (or set runtime.output_dir to "
+                                "a bigger disk) and rerun") if is_disk_full(e) else e
+    message = broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not start the run: {message}")
+    barrier()
 
 
 def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages: dict[str, dict[str, Any]], *,
@@ -278,9 +293,17 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
         record("finetune", ft_dir, ft_dir.name, ft_metrics, t0)
         metrics["dino_qpm"] = by_split(ft_metrics, ("accuracy", "accuracy_before_finetune"))
         if info.is_main:
+            # Copied beside it, then swapped in: a full disk mid-copy leaves the old checkpoint (or none), never half.
+            tmp = run_dir / f".checkpoint.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                shutil.copytree(ft_dir / "checkpoint", tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if (run_dir / "checkpoint").exists():
                 shutil.rmtree(run_dir / "checkpoint")
-            shutil.copytree(ft_dir / "checkpoint", run_dir / "checkpoint")
+            os.replace(tmp, run_dir / "checkpoint")
     if info.is_main:
         write_json(run_dir / "metrics.json", metrics)
         if until == "evaluate" and cfg.cache.mode == "cached":  # interpretability metrics read the token cache

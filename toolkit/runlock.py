@@ -74,6 +74,14 @@ class RunLock:
                 f"{self.path.parent} is in use by a running job ({describe_owner(owner)}); nothing was written. Wait "
                 f"for it to finish, stop it (kill {owner.get('pid')} on {owner.get('host')}) and rerun with --resume, "
                 "or give this job its own directory (another runtime.run_name, or leave it unset)") from None
+        try:
+            self._take(fd, log)
+        except BaseException:  # e.g. a full disk: drop the lock rather than hold it with a stale descriptor
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def _take(self, fd: int, log: Callable[[str], None]) -> None:
         old = self._read(fd)
         if old is not None:
             host = socket.gethostname()
@@ -86,7 +94,6 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         os.fsync(fd)
-        self._fd = fd
 
     def release(self) -> None:
         """Empty the file (a clean end) and drop the lock."""

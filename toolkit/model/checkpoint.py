@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from toolkit.config import AdapterConfig, to_dict
+from toolkit.files import atomic_write_bytes, atomic_write_text
 from toolkit.model.dinoqpm import DinoQPM, build_dense_model
 from toolkit.model.heads import LinearProbe, SparseHead
 
@@ -25,13 +26,14 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, *, kind: str, adapt
     """Write weights and the JSON that rebuilds `model` (kind: "dense", "qpm" or "probe")."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"))
+    # Serialised in memory, then written as any file: a full disk raises OSError (ENOSPC) naming the file.
+    atomic_write_bytes(directory / "model.safetensors", save(state))
     info: dict[str, Any] = {"format": FORMAT, "kind": kind, "embed_dim": embed_dim, "n_classes": n_classes,
                             "grid": list(grid), "adapter": to_dict(adapter) if adapter else None, **meta}
     if isinstance(model, DinoQPM) and isinstance(model.head, SparseHead):
         info["selection"] = model.head.selection.tolist()
         info["n_per_class"] = int(model.head.n_per_class)
-    (directory / "model.json").write_text(json.dumps(info, indent=2))
+    atomic_write_text(directory / "model.json", json.dumps(info, indent=2))
 
 
 def load_checkpoint(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -15,11 +15,20 @@ from typing import Any
 import numpy as np
 
 from toolkit.artifacts import get_or_run
-from toolkit.cache import LiveSplit, TokenStore, allocate_store, extract_tokens, n_cls_blocks, token_key
+from toolkit.cache import (
+    LiveSplit,
+    TokenStore,
+    allocate_store,
+    extract_tokens,
+    n_cls_blocks,
+    store_bytes,
+    token_key,
+)
 from toolkit.config import BackboneConfig, CacheConfig, DataConfig
 from toolkit.console import Console
 from toolkit.data import preprocess_for
-from toolkit.distributed import barrier, dist_info
+from toolkit.distributed import barrier, broadcast_object, dist_info
+from toolkit.files import DiskFullError, free_bytes, human_bytes
 from toolkit.model import Backbone
 
 
@@ -42,10 +51,22 @@ def build_tokens(data: DataConfig, backbone_cfg: BackboneConfig, cache: CacheCon
         info = dist_info()
         backbone = get_backbone()
         grid = backbone.grid(data.image_size)
+        short = None
         if info.is_main:
             has_masks = len(dataset) > 0 and dataset[0][2] is not None
-            allocate_store(tmp, n=len(dataset), grid=grid, dim=backbone.embed_dim, masks=has_masks,
-                           cls_blocks=n_cls_blocks(backbone))
+            shape = {"n": len(dataset), "grid": grid, "dim": backbone.embed_dim, "masks": has_masks,
+                     "cls_blocks": n_cls_blocks(backbone)}
+            need, free = store_bytes(**shape), free_bytes(tmp)
+            if need > free:  # before the backbone's pass, not after it
+                short = (f"the token store of the {split} split needs {human_bytes(need)} ({len(dataset)} images x "
+                         f"{grid[0] * grid[1]} tokens x {backbone.embed_dim} width x 2 bytes, plus the CLS arrays), "
+                         f"but {tmp.parent} has {human_bytes(free)} free. Free space there, or point cache.root at a "
+                         "bigger disk, or use cache.mode=live (no store is written), then rerun: nothing was kept")
+            else:
+                allocate_store(tmp, **shape)
+        short = broadcast_object(short)  # every rank stops, none waits in the barrier below
+        if short is not None:
+            raise DiskFullError(short)
         pre = preprocess_for(data, backbone.mean, backbone.std)
         barrier()
         t0 = time.perf_counter()
