@@ -20,9 +20,9 @@ from toolkit.train import DivergedError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIVERGE = ["dense.lr=1e8", "runtime.checkpoint_every=1", "runtime.progress=false"]
-MESSAGE = re.compile(r"stage 'dense' diverged in epoch (\d+): .* non-finite at micro-step (\d+).*stopped on every "
-                     r"rank.*The last good checkpoint is (\S+) \(saved at (.*?)\); `--resume` continues from it.*"
-                     r"Lower dense\.lr")
+MESSAGE = re.compile(r"stage 'dense' diverged at dense epoch (\d+)/\d+, micro-step (\d+): the (?:loss|weights) "
+                     r"became non-finite.*stopped on every rank.*The last good checkpoint is (\S+) \(saved at "
+                     r"(.*?)\); `--resume` continues from it.*Lower dense\.lr")
 
 
 def test_non_finite_loss_stops_the_stage_at_once_naming_the_last_good_checkpoint(tiny_overrides: list[str],

@@ -160,6 +160,9 @@ def train_epoch(engine: Engine, loader: DataLoader, cfg: TrainConfig, *, backbon
                 after_iter: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over this rank's share; metrics are averaged over all ranks.
 
+    A non-finite loss, or non-finite weights after an optimiser step, raise `DivergedError` on every rank in the
+    micro-step they appear in (`all_finite`), before `on_step` could checkpoint them.
+
     Args:
         grad_accum: micro-steps per optimiser step (the epoch's last group may be shorter, see
             `accumulation_group`).
@@ -187,10 +190,10 @@ def train_epoch(engine: Engine, loader: DataLoader, cfg: TrainConfig, *, backbon
             loss, parts, logits = forward_loss(engine.module, patch, cls, labels, cfg)
         engine.backward(loss, group=group, boundary=boundary)
         engine.step()
-        if not all_finite(loss, engine.module, stepped=boundary):
-            what = "the loss" if not torch.isfinite(loss.detach()).all() else "the weights after the optimiser step"
-            raise DivergedError(f"{what} became non-finite at micro-step {i + 1}"
-                                + ("" if what == "the loss" else " (a non-finite gradient)")
+        if not all_finite(loss, engine.module, stepped=boundary):  # stop before training on it, on every rank
+            bad_loss = not bool(torch.isfinite(loss.detach()).all())
+            raise DivergedError(f"{desc}, micro-step {i + 1}: the " + ("loss became non-finite" if bad_loss else
+                                "weights became non-finite after the optimiser step (a non-finite gradient)")
                                 + f" (loss {float(loss.detach()):.4g} on this rank)")
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v * len(labels)
@@ -336,34 +339,13 @@ def _val_accuracy(engine: Engine, val: Dataset, *, batch_size: int, backbone: nn
         return evaluate(engine.module, val, batch_size=batch_size, device=engine.device, backbone=backbone).accuracy
 
 
-def _saved_at(state: dict[str, Any]) -> str:
-    """Where a checkpoint's state stands: "after epoch E" or "epoch E, micro-step S" (1-based epochs)."""
-    epoch, step = state["epoch"], state["step"]
-    return f"epoch {epoch + 1}, micro-step {step}" if step else f"after epoch {epoch}"
-
-
-def diverged_message(name: str, epoch: int, what: str, saved: str | None, checkpoint_dir: Any) -> str:
-    """What a diverged stage says: where it stopped, the last good checkpoint, and how to go on."""
-    where = (f"the last good checkpoint is {checkpoint_dir} (saved at {saved}); `--resume` continues from it, but "
-             "with the same config it repeats the same steps (training is seeded)" if saved else
-             "no checkpoint was written before it (set runtime.checkpoint_every=N to keep one every N steps)")
-    return (f"stage '{name}' diverged in epoch {epoch}: {what}; stopped on every rank before training "
-            f"on it. {where[0].upper()}{where[1:]}. "
-            f"Lower {name}.lr (e.g. 10x) and rerun with --resume: the earlier stages and the token cache are reused, "
-            f"and stage '{name}' starts again from them with the new learning rate")
-
-
 def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, seed: int,
         backbone: nn.Module | None, console: Console, name: str, grad_accum: int = 1,
         resume: Callable[[Engine], dict[str, Any] | None] | None = None,
         checkpoint: Callable[[Engine, dict[str, Any], dict[str, Any]], None] | None = None,
         every: int = 0, on_epoch: Callable[[str, dict[str, float]], None] | None = None,
-        loader_options: dict[str, Any] | None = None, val: Dataset | None = None,
-        checkpoint_dir: Any = None) -> list[dict[str, float]]:
+        loader_options: dict[str, Any] | None = None, val: Dataset | None = None) -> list[dict[str, float]]:
     """Train for `cfg.epochs`, optionally resuming from and writing resumable checkpoints.
-
-    A non-finite loss or weight stops the stage on every rank within the micro-step it appears in (`all_finite`)
-    with a `DivergedError` naming the stage, epoch, step and the last good checkpoint (in `checkpoint_dir`).
 
     Args:
         grad_accum: micro-steps per optimiser step (exact per epoch, see `accumulation_group`).
@@ -378,16 +360,8 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
         loader_options: DataLoader worker settings for image datasets (live mode).
         val: the validation rows; when given, every epoch ends with their accuracy (`val_accuracy` in the history
             and in what `on_epoch` receives: what a sweep's scheduler ranks trials on).
-        checkpoint_dir: where `checkpoint` writes (named in the divergence message only).
     """
     state = resume(engine) if resume else None
-    saved = [_saved_at(state) if state else None]  # the last good checkpoint, for the divergence message
-    if checkpoint is not None:
-        write = checkpoint
-
-        def checkpoint(engine: Engine, shared: dict[str, Any], mine: dict[str, Any]) -> None:
-            write(engine, shared, mine)
-            saved[0] = _saved_at(shared)
     history: list[dict[str, float]] = list(state["history"]) if state else []
     start, skip = (state["epoch"], state["step"]) if state else (0, 0)
     if state:
@@ -416,13 +390,10 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
             else:  # saved at the end of the previous epoch, before the iterator
                 set_rng_state(rng)
         t0 = time.perf_counter()
-        try:
-            metrics = train_epoch(engine, loader, cfg, backbone=backbone, console=console,
-                                  desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", grad_accum=grad_accum, start=first,
-                                  on_step=on_step, partial=state.get("partial") if state and epoch == start else None,
-                                  after_iter=restore)
-        except DivergedError as e:
-            raise DivergedError(diverged_message(name, epoch + 1, str(e), saved[0], checkpoint_dir)) from None
+        metrics = train_epoch(engine, loader, cfg, backbone=backbone, console=console,
+                              desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", grad_accum=grad_accum, start=first,
+                              on_step=on_step, partial=state.get("partial") if state and epoch == start else None,
+                              after_iter=restore)
         metrics["seconds"] = time.perf_counter() - t0
         if val is not None:
             metrics["val_accuracy"] = _val_accuracy(engine, val, batch_size=micro_batch, backbone=backbone)

@@ -31,7 +31,7 @@ from toolkit.distributed import (
 )
 from toolkit.files import atomic_write_bytes
 from toolkit.train.engine import Engine, TorchEngine
-from toolkit.train.loop import Outputs, evaluate, fit, micro_batch_size, optimizer_steps_per_epoch
+from toolkit.train.loop import DivergedError, Outputs, evaluate, fit, micro_batch_size, optimizer_steps_per_epoch
 
 EngineFactory = Callable[[nn.Module, TrainConfig, int, str], Engine]  # (module, cfg, total_steps, stage) -> Engine
 
@@ -73,6 +73,21 @@ def drop_work_dir(root: Path, stage: str, key: str) -> None:
         shutil.rmtree(work_dir(root, stage, key), ignore_errors=True)
 
 
+def diverged_message(name: str, what: str, saved: dict[str, Any] | None, resume_dir: Path) -> str:
+    """What a diverged stage says: where it stopped, the last good checkpoint (its state's epoch and micro-step,
+    0-based epoch), and how to go on."""
+    if saved is None:
+        where = "No checkpoint was written before it (runtime.checkpoint_every=N keeps one every N optimiser steps)"
+    else:
+        at = (f"epoch {saved['epoch'] + 1}, micro-step {saved['step']}" if saved["step"] else
+              f"after epoch {saved['epoch']}")
+        where = (f"The last good checkpoint is {resume_dir} (saved at {at}); `--resume` continues from it, but with "
+                 "the same config it repeats the same steps (training is seeded)")
+    return (f"stage '{name}' diverged at {what}; stopped on every rank before training on it. {where}. Lower "
+            f"{name}.lr (e.g. 10x) and rerun with --resume: the token cache and the earlier stages are reused, and "
+            f"stage '{name}' starts again from them with the new learning rate")
+
+
 def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainContext, *, name: str,
                 work: Path, val: Split | None = None) -> list[dict[str, float]]:
     """Train `model` in place on the train split through an engine; resumable from `work/resume`.
@@ -96,10 +111,13 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
     def rank_file(state: dict[str, Any]) -> Path:
         return resume_dir / "rank-state" / f"epoch{state['epoch']}-step{state['step']}.rank{rank}.pkl"
 
+    saved: list[dict[str, Any] | None] = [None]  # the last complete checkpoint's state, for a divergence message
+
     def resume(engine: Engine) -> dict[str, Any] | None:
         if not (ctx.resume and (resume_dir / "latest").is_file()):
             return None
         state = engine.load(resume_dir)
+        saved[0] = state
         own = rank_file(state)
         if not own.is_file():
             raise FileNotFoundError(f"{own} is missing: the checkpoint in {resume_dir} is incomplete; delete that "
@@ -115,6 +133,7 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
         atomic_write_bytes(path, pickle.dumps({**mine, "rng": rng_state()}))
         barrier()
         engine.save(resume_dir, state)
+        saved[0] = state
         for old in path.parent.glob(f"*.rank{rank}.pkl"):
             if old != path:
                 old.unlink(missing_ok=True)
@@ -124,8 +143,10 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
                       console=ctx.console, name=name, grad_accum=ctx.grad_accum, resume=resume,
                       checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
                       every=ctx.checkpoint_every, on_epoch=ctx.on_epoch, loader_options=ctx.loader_options,
-                      val=val.dataset() if val is not None else None, checkpoint_dir=resume_dir)
+                      val=val.dataset() if val is not None else None)
         master = engine.master_state_dict()
+    except DivergedError as e:
+        raise DivergedError(diverged_message(name, str(e), saved[0], resume_dir)) from None
     finally:
         revert_sync_batchnorm(model)
     model.float()  # a bf16 engine cast the parameters; the master weights below replace their values
