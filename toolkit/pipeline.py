@@ -10,6 +10,7 @@ not recomputed) and writes a run directory that explains itself:
                     the validation split under "validation", and the QP certificate under "qp_certificate"
     checkpoint/     the self-contained DINO-QPM model (safetensors + JSON)
     log.txt         what the console printed
+    run.lock        held by the live job (pid, host, start time); empty after a clean end (toolkit.runlock)
     tensorboard/    per-stage training curves as TensorBoard event files (rank 0, when tensorboardX is installed)
     report.md, report.html, explanations/   the evaluation's report (toolkit.stages.evaluate)
 """
