@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_distributed import _deepspeed, _free_port
-from toolkit.config import load_config
+from tests.test_distributed import _deepspeed, _free_port, _Tokens
+from toolkit.config import ProbeConfig, load_config
+from toolkit.console import Console
+from toolkit.model import LinearProbe
 from toolkit.pipeline import run_pipeline
-from toolkit.train import DivergedError
+from toolkit.train import DivergedError, TorchEngine, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DIVERGE = ["dense.lr=1e8", "runtime.checkpoint_every=1", "runtime.progress=false"]
@@ -25,8 +27,21 @@ MESSAGE = re.compile(r"stage 'dense' diverged at dense epoch (\d+)/\d+, micro-st
                      r"(.*?)\); `--resume` continues from it.*Lower dense\.lr")
 
 
-def test_non_finite_loss_stops_the_stage_at_once_naming_the_last_good_checkpoint(tiny_overrides: list[str],
-                                                                                  tmp_path: Path) -> None:
+def test_a_nan_input_stops_fit_in_its_micro_step_before_any_checkpoint() -> None:
+    data = _Tokens(12)
+    data.cls[:] = float("nan")  # every batch gives a NaN loss: the first micro-step must stop
+    model = LinearProbe(in_dim=6, n_classes=3, dropout=0.0)
+    cfg = ProbeConfig(epochs=2, batch_size=4, lr=0.1)
+    engine = TorchEngine(module=model, cfg=cfg, total_steps=6, device=torch.device("cpu"))
+    saved: list[dict] = []
+    with pytest.raises(DivergedError, match=r"^t epoch 1/2, micro-step 1: the loss became non-finite \(loss nan"):
+        fit(engine, data, cfg, micro_batch=4, seed=0, backbone=None, console=Console(enabled=False), name="t",
+            checkpoint=lambda e, state, mine: saved.append(dict(state)), every=1)
+    assert saved == []  # the step that met the NaN was never checkpointed
+
+
+def test_diverging_dense_stage_stops_at_once_naming_the_last_good_checkpoint(tiny_overrides: list[str],
+                                                                             tmp_path: Path) -> None:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*tiny_overrides, *DIVERGE, "probe_dinov2.enabled=false"])
     with pytest.raises(DivergedError) as e:
         run_pipeline(cfg, until="dense")
