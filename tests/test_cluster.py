@@ -10,10 +10,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_distributed import (
     BIN,
     NO_DROPOUT,
@@ -34,6 +36,7 @@ from test_distributed import (
 )
 
 from toolkit.config import ConfigError, load_config
+from toolkit.train import preempt
 from toolkit.train.preempt import PREEMPTED_EXIT
 
 PAUSED = ROOT / "tests" / "_paused_train.py"
@@ -56,6 +59,29 @@ def test_preempt_grace_is_validated() -> None:
     assert load_config(None, []).runtime.preempt_grace_s == 60
     with pytest.raises(ConfigError, match="runtime.preempt_grace_s"):
         load_config(None, ["runtime.preempt_grace_s=0"])
+
+
+def test_signal_only_sets_a_flag_until_uninstalled() -> None:
+    assert preempt.install(60)
+    try:
+        assert preempt.installed() and not preempt.agreed(torch.device("cpu"))
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled in this (main) thread before kill returns to Python code
+        assert preempt.signalled() == "SIGUSR1" and preempt.agreed(torch.device("cpu"))
+    finally:
+        preempt.uninstall()
+    assert not preempt.installed() and preempt.signalled() is None
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_no_checkpoint_within_the_grace_still_exits_as_preempted() -> None:
+    # A process that never reaches a training step after the signal (here: it waits forever) exits with the
+    # preemption status once runtime.preempt_grace_s has passed, saying so.
+    code = ("import os, signal, threading; from toolkit.train import preempt; preempt.install(0.5); "
+            "os.kill(os.getpid(), signal.SIGTERM); threading.Event().wait()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == PREEMPTED_EXIT, out.stderr
+    assert "no resume checkpoint within runtime.preempt_grace_s=0.5 s of SIGTERM" in out.stderr
 
 
 @pytest.mark.distributed
