@@ -132,7 +132,7 @@ def test_preempt_one_rank_then_resume_matches_uninterrupted(tmp_path: Path) -> N
     assert (resume_dir / "latest").read_text().strip() == "epoch1-step4"
     assert sorted(p.name for p in (resume_dir / "rank-state").iterdir()) == ["epoch1-step4.rank0.pkl",
                                                                             "epoch1-step4.rank1.pkl"]
-    out = _finish(_deepspeed(tmp_path, "preempted", [*PREEMPT, "runtime.resume=true"], port=_free_port()))
+    out = _finish(_deepspeed(tmp_path, "preempted", [*PREEMPT, "--resume"], port=_free_port()))
     assert "dense: resumed at epoch 2, micro-step 4" in out
     _finish(_deepspeed(tmp_path, "clean", PREEMPT, port=_free_port()))
     diff = _max_diff(_dense_weights(tmp_path, "preempted"), _dense_weights(tmp_path, "clean"))
