@@ -180,7 +180,9 @@ def test_slurm_script_requeues_on_preemption_then_resumes(tmp_path: Path) -> Non
         (fake / name).write_text(body)
         (fake / name).chmod(0o755)
     marker, go = tmp_path / "paused", tmp_path / "go"
-    slurm = {"PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "FAKE_SLURM": str(fake), "SLURM_JOB_ID": "42",
+    # The venv's bin last: `deepspeed` is found there, while every other tool (ninja, which builds DeepSpeed's C++ op;
+    # another ninja version would rebuild it) stays the one the other tests find.
+    slurm = {"PATH": f"{fake}:{os.environ['PATH']}:{BIN}", "FAKE_SLURM": str(fake), "SLURM_JOB_ID": "42",
              "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2", "SLURM_JOB_NODELIST": "localhost", "TMPDIR": str(tmp_path),
              "CONFIG": "configs/tiny.yaml", "MASTER_ADDR": "127.0.0.1"}
     overrides = _args(tmp_path, "job", PREEMPT)[3:]  # without the script and --config: the sbatch script adds them
