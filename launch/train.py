@@ -6,7 +6,8 @@
     torchrun --nproc_per_node N launch/train.py --config ... [key=value ...]
     dinoqpm-train --config ...                                                   # the same, once installed
 
-Only wiring: parse arguments, load the config, run the pipeline.
+Only wiring: parse arguments, load the config, run the pipeline. Exit status: 0 done, 2 bad config or input, 75
+preempted (SIGTERM or SIGUSR1; a resume checkpoint is written, rerun with --resume; toolkit.train.preempt).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from toolkit.distributed import dist_info, shutdown_distributed
 from toolkit.files import DiskFullError
 from toolkit.pipeline import UNTIL, check_until, run_dir_for, run_pipeline
 from toolkit.train import DivergedError
+from toolkit.train import preempt
 
 
 def _until(value: str) -> str:
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         print(f"# run directory: {run_dir}")
         return 0
+    preempt.install(cfg.runtime.preempt_grace_s)
     try:
         result = run_pipeline(cfg, until=args.until, preset=preset)
     except (ConfigError, FileNotFoundError, FileExistsError, DiskFullError) as e:
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as e:  # every rank stops at the same step and says so
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except preempt.Preempted:
+        if dist_info().is_main:
+            print(f"exit status {preempt.PREEMPTED_EXIT} (preempted): rerun with --resume to continue", file=sys.stderr)
+        return preempt.PREEMPTED_EXIT
     finally:
         shutdown_distributed()
     if dist_info().is_main:  # one line per run, not one per rank

@@ -218,15 +218,21 @@ def test_two_ranks_with_batchnorm_match_one_process(tmp_path: Path) -> None:
     assert manifest["stage_engines"]["dense"].startswith("deepspeed (ZeRO stage 0, 2 ranks")
     _single(tmp_path, "one", NO_DROPOUT)
     assert json.loads((tmp_path / "one" / "runs" / "r" / "manifest.json").read_text())["engine"] == "one process"
-    final = _compare(_result(tmp_path, "two"), _result(tmp_path, "one"), "2 ranks vs 1 process (BatchNorm on), final")
-    assert final <= FINAL_TOL, f"max weight difference of the fine-tuned model {final} > {FINAL_TOL}"
-    two, one = _dense_weights(tmp_path, "two"), _dense_weights(tmp_path, "one")
-    diff = _max_diff(two, one, BN_CANCELLED)
-    print(f"dense model: max weight difference {diff:.3g} (BN-cancelled biases and running means excluded; "
-          f"with them {_max_diff(two, one):.3g})")
-    assert diff <= TOL, f"max dense weight difference {diff} > {TOL}"
+    _matches_one_process(tmp_path, "two", "2 ranks vs 1 process (BatchNorm on)")
     # One model, one accuracy: the evaluation stage recomputed every accuracy without a mismatch warning.
     assert "differs from the pipeline's" not in out
+
+
+def _matches_one_process(tmp: Path, name: str, label: str) -> None:
+    """Run `name` against the one-process run "one": fine-tuned model within FINAL_TOL and equal accuracies, dense
+    model within TOL (BN-cancelled parameters excluded)."""
+    final = _compare(_result(tmp, name), _result(tmp, "one"), f"{label}, final")
+    assert final <= FINAL_TOL, f"max weight difference of the fine-tuned model {final} > {FINAL_TOL}"
+    many, one = _dense_weights(tmp, name), _dense_weights(tmp, "one")
+    diff = _max_diff(many, one, BN_CANCELLED)
+    print(f"{label}, dense model: max weight difference {diff:.3g} (BN-cancelled biases and running means "
+          f"excluded; with them {_max_diff(many, one):.3g})")
+    assert diff <= TOL, f"max dense weight difference {diff} > {TOL}"
 
 
 def _rank_processes(launcher: subprocess.Popen, script: Path) -> dict[int, psutil.Process]:

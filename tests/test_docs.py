@@ -49,7 +49,8 @@ NOT_IN_REPO = {
 # Pages other work writes; an entry whose file exists must be removed, so the real file is checked from then on.
 PENDING: dict[str, str] = {}
 EXTERNAL = {"pip", "apt-get", "pytest", "ruff", "git", "tensorboard", "chromium", "bash", "curl", "cd", "ls",
-            "ray", "docker", "uptime", "export", "deepspeed", "torchrun", "python3", "sudo"}
+            "ray", "docker", "uptime", "export", "deepspeed", "torchrun", "python3", "sudo", "sbatch", "scancel",
+            "printf"}
 FILE_SUFFIXES = {"py", "yaml", "yml", "json", "md", "html", "png", "txt", "npy", "npz", "onnx", "safetensors", "toml"}
 SECTIONS = {name: set(field.annotation.model_fields) for name, field in RunConfig.model_fields.items()}
 KEY = re.compile(r"(?<![\w./$<-])(" + "|".join(SECTIONS) + r")\.([A-Za-z_][\w*]*)")

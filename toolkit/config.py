@@ -442,6 +442,10 @@ class RuntimeConfig(_Section):
     checkpoint_every: NonNegInt = 0  # save a resumable checkpoint every N optimizer steps (0 = at stage ends only)
     resume: bool = False  # continue from the last checkpoint of this run directory
     collective_timeout_s: PosInt = 600  # seconds: a rank that dies makes the others fail after this, never hang
+    # Seconds from SIGTERM / SIGUSR1 (preemption) to exit: the ranks stop after the current optimiser step, write a
+    # resume checkpoint and exit with status 75; past this, they exit with 75 regardless. Keep it below the
+    # scheduler's grace (Slurm's KillWait or --signal lead time, Kubernetes' terminationGracePeriodSeconds).
+    preempt_grace_s: PosFloat = 60.0
     progress: bool = True  # progress bars on the main rank
     # DataLoader processes that decode and resize images (token extraction, live mode); "auto" = 0 on CPU (the
     # cores are busy with the model), min(8, CPU cores per local rank) on CUDA.

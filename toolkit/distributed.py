@@ -40,6 +40,38 @@ def dist_info() -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", 0)), "none")
 
 
+# (node rank, node count) as each launcher names them: deepspeed, torchrun, then Slurm (one task per rank under srun).
+_NODE_ENV = (("CROSS_RANK", "CROSS_SIZE"), ("GROUP_RANK", "GROUP_WORLD_SIZE"), ("SLURM_NODEID", "SLURM_NNODES"))
+
+
+def node_info() -> tuple[int, int]:
+    """(this process's node rank, number of nodes) from the launcher's environment; (0, 1) for a single process."""
+    if dist_info().world_size <= 1:
+        return 0, 1
+    for rank, size in _NODE_ENV:
+        if rank in os.environ and size in os.environ:
+            return int(os.environ[rank]), int(os.environ[size])
+    return 0, 1
+
+
+def rank_layout(device: torch.device) -> list[dict[str, object]]:
+    """Every rank's {"rank", "node", "local_rank", "device"} (a collective: call it on every rank), for the manifest:
+    the device index comes from the local rank, so the first rank of every node uses device 0."""
+    info = dist_info()
+    mine = {"rank": info.rank, "node": node_info()[0], "local_rank": info.local_rank, "device": str(device)}
+    if not distributed():
+        return [mine]
+    out: list[dict[str, object] | None] = [None] * info.world_size
+    dist.all_gather_object(out, mine)
+    return [x for x in out if x is not None]
+
+
+def ranks_text(world_size: int) -> str:
+    """The ranks part of an engine's description: "2 ranks" on one node, "4 ranks on 2 nodes" on several."""
+    nodes = node_info()[1]
+    return f"{world_size} ranks" + (f" on {nodes} nodes" if nodes > 1 else "")
+
+
 def resolve_device(cfg: RuntimeConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'runtime.device': cuda was asked for but no CUDA device is visible; "

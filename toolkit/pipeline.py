@@ -40,6 +40,7 @@ from toolkit.distributed import (
     broadcast_object,
     deepspeed_requested,
     init_distributed,
+    rank_layout,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -70,7 +71,7 @@ class PipelineResult:
 # Settings that change where or how a run executes, not what it computes: a resumed run, or the same config from
 # another checkout or output folder, is the same run.
 _EXECUTION_ONLY = {"runtime": ("resume", "progress", "output_dir", "run_name", "collective_timeout_s", "num_workers",
-                               "pin_memory"),
+                               "pin_memory", "preempt_grace_s"),
                    "cache": ("root",)}
 
 
@@ -196,8 +197,10 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
     precision = resolve_precision(cfg.runtime, device)
     engine = (f"deepspeed (ZeRO stage {cfg.runtime.zero_stage})" if deepspeed_requested(cfg.runtime)
               else "ddp" if info.world_size > 1 else "one process")
-    console.log(f"world_size={info.world_size} backend={info.backend} device={device} precision={precision} "
-                f"engine={engine} toolkit={__version__} run_dir={run_dir}")
+    layout = rank_layout(device)
+    nodes = len({r["node"] for r in layout})
+    console.log(f"world_size={info.world_size} nodes={nodes} backend={info.backend} device={device} "
+                f"precision={precision} engine={engine} toolkit={__version__} run_dir={run_dir}")
     root = Path(cfg.cache.root)
     on_epoch = chain(on_epoch, epoch_logger(run_dir, is_main=info.is_main, console=console))  # curves -> TensorBoard
     options = loader_options(cfg.runtime.num_workers, cfg.runtime.pin_memory, device)
@@ -235,7 +238,8 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
         if info.is_main:
             # "engine" names what trained (the training stages' engines; a cached stage trained nothing now).
             write_json(run_dir / "manifest.json", {
-                "config_hash": config_hash(cfg), "world_size": info.world_size, "backend": info.backend,
+                "config_hash": config_hash(cfg), "world_size": info.world_size, "nodes": nodes, "ranks": layout,
+                "backend": info.backend,
                 "device": str(device), "precision": precision, "engine": engine, "stage_engines": engines,
                 "validation": hold.describe(), "stages": stages})
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from toolkit.config import ConfigError, RuntimeConfig, TrainConfig
-from toolkit.distributed import barrier, dist_info
+from toolkit.distributed import barrier, dist_info, ranks_text
 from toolkit.train.engine import make_optimizer, make_scheduler
 
 # Fields that always come from our config; a template that sets them to something else is an error.
@@ -64,8 +64,8 @@ class DeepSpeedEngine:
             model_parameters=[p for p in module.parameters() if p.requires_grad])
 
     def describe(self) -> str:
-        return (f"deepspeed (ZeRO stage {self.config['zero_optimization']['stage']}, {dist_info().world_size} "
-                f"ranks, {'bf16' if self.autocast_dtype is not None else 'fp32'})")
+        return (f"deepspeed (ZeRO stage {self.config['zero_optimization']['stage']}, "
+                f"{ranks_text(dist_info().world_size)}, {'bf16' if self.autocast_dtype is not None else 'fp32'})")
 
     def backward(self, loss: torch.Tensor, *, group: int = 1, boundary: bool = True) -> None:
         # The loop owns the boundaries (a partial last group is stepped at the epoch's end); DeepSpeed's own

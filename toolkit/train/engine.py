@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from toolkit.config import TrainConfig
-from toolkit.distributed import barrier, dist_info
+from toolkit.distributed import barrier, dist_info, ranks_text
 from toolkit.files import atomic_write_bytes
 from toolkit.train.optim import make_optimizer as _make_optimizer
 from toolkit.train.optim import schedule_free
@@ -86,7 +86,7 @@ class TorchEngine:
 
     def describe(self) -> str:
         world = dist_info().world_size
-        return f"ddp ({world} ranks, {self.precision})" if world > 1 else f"one process ({self.precision})"
+        return f"ddp ({ranks_text(world)}, {self.precision})" if world > 1 else f"one process ({self.precision})"
 
     def backward(self, loss: torch.Tensor, *, group: int = 1, boundary: bool = True) -> None:
         self._boundary = boundary

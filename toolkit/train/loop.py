@@ -344,7 +344,8 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
         resume: Callable[[Engine], dict[str, Any] | None] | None = None,
         checkpoint: Callable[[Engine, dict[str, Any], dict[str, Any]], None] | None = None,
         every: int = 0, on_epoch: Callable[[str, dict[str, float]], None] | None = None,
-        loader_options: dict[str, Any] | None = None, val: Dataset | None = None) -> list[dict[str, float]]:
+        loader_options: dict[str, Any] | None = None, val: Dataset | None = None,
+        stop: Callable[[Engine, dict[str, Any], dict[str, Any]], None] | None = None) -> list[dict[str, float]]:
     """Train for `cfg.epochs`, optionally resuming from and writing resumable checkpoints.
 
     Args:
@@ -360,6 +361,8 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
         loader_options: DataLoader worker settings for image datasets (live mode).
         val: the validation rows; when given, every epoch ends with their accuracy (`val_accuracy` in the history
             and in what `on_epoch` receives: what a sweep's scheduler ranks trials on).
+        stop: called on every rank after each optimiser step with what `checkpoint` takes; it raises to end the
+            stage there (preemption, `toolkit.train.preempt`).
     """
     state = resume(engine) if resume else None
     history: list[dict[str, float]] = list(state["history"]) if state else []
@@ -378,9 +381,11 @@ def fit(engine: Engine, train: Dataset, cfg: TrainConfig, *, micro_batch: int, s
 
         def on_step(step: int, stepped: bool, sums: dict[str, float], epoch: int = epoch) -> None:
             done = epoch * per_epoch + -(-step // grad_accum)  # optimiser steps of the stage so far
+            state = {"epoch": epoch, "step": step, "history": history, "optimizer_step": done}
             if checkpoint and every and stepped and done % every == 0 and step < n_micro:
-                checkpoint(engine, {"epoch": epoch, "step": step, "history": history, "optimizer_step": done},
-                           {"partial": dict(sums)})
+                checkpoint(engine, state, {"partial": dict(sums)})
+            if stop and stepped:
+                stop(engine, state, {"partial": dict(sums)})
 
         restore = None
         if state and epoch == start and state.get("rng") is not None:

@@ -30,6 +30,7 @@ from toolkit.distributed import (
     rng_state,
 )
 from toolkit.files import atomic_write_bytes
+from toolkit.train import preempt
 from toolkit.train.engine import Engine, TorchEngine
 from toolkit.train.loop import DivergedError, Outputs, evaluate, fit, micro_batch_size, optimizer_steps_per_epoch
 
@@ -125,6 +126,8 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
         mine = pickle.loads(own.read_bytes())  # our own file, written by `checkpoint` below
         return {**state, "partial": mine.get("partial"), "rng": mine["rng"]}
 
+    written: list[Path] = []  # the last checkpoint's rank file: a preemption at that step writes nothing new
+
     def checkpoint(engine: Engine, state: dict[str, Any], mine: dict[str, Any]) -> None:
         # This rank's RNG streams and partial metric sums first; the engine's `latest` pointer (written after a
         # barrier inside `save`) then only ever names a checkpoint whose rank files are complete.
@@ -137,13 +140,26 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
         for old in path.parent.glob(f"*.rank{rank}.pkl"):
             if old != path:
                 old.unlink(missing_ok=True)
+        written[:] = [path]
+
+    def stop(engine: Engine, state: dict[str, Any], mine: dict[str, Any]) -> None:
+        if not preempt.agreed(engine.device):  # one all-reduce: every rank stops at the same step
+            return
+        if written != [rank_file(state)]:
+            checkpoint(engine, state, mine)
+        message = (f"{name}: preempted ({preempt.signalled() or 'signal on another rank'}); stopped after epoch "
+                   f"{state['epoch'] + 1}, micro-step {state['step']} (optimiser step {state['optimizer_step']}), "
+                   f"resume checkpoint in {resume_dir}, {preempt.seconds_since_signal():.1f} s after the signal; "
+                   "rerun with --resume to continue")
+        ctx.console.log(message)
+        raise preempt.Preempted(message)
 
     try:
         history = fit(engine, dataset, cfg, micro_batch=micro, seed=ctx.seed, backbone=ctx.backbone,
                       console=ctx.console, name=name, grad_accum=ctx.grad_accum, resume=resume,
                       checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
                       every=ctx.checkpoint_every, on_epoch=ctx.on_epoch, loader_options=ctx.loader_options,
-                      val=val.dataset() if val is not None else None)
+                      val=val.dataset() if val is not None else None, stop=stop if preempt.installed() else None)
         master = engine.master_state_dict()
     except DivergedError as e:
         raise DivergedError(diverged_message(name, str(e), saved[0], resume_dir)) from None
