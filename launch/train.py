@@ -20,8 +20,7 @@ from toolkit.config import ConfigError, dump_config, load_config
 from toolkit.distributed import dist_info, shutdown_distributed
 from toolkit.files import DiskFullError
 from toolkit.pipeline import UNTIL, check_until, run_dir_for, run_pipeline
-from toolkit.train import DivergedError
-from toolkit.train import preempt
+from toolkit.train import DivergedError, preempt
 
 
 def _until(value: str) -> str:
