@@ -449,9 +449,9 @@ def test_two_trials_with_two_workers_each_finish_on_two_cpus(tmp_path: Path) -> 
     for r in rows:
         run_dir = Path(r["run_dir"]) if r["run_dir"] else out / "runs" / f"trial-{r['trial_id']}"
         assert load_config(run_dir / "config.yaml").runtime.engine == "deepspeed"
-        assert "world_size=2 backend=gloo" in (run_dir / "log.txt").read_text()
+        assert "world_size=2 nodes=1 backend=gloo" in (run_dir / "log.txt").read_text()
         # Each worker line once (Ray Train's print patch printed every one twice).
-        assert len(re.findall(rf"world_size=2 backend=gloo .*trial-{r['trial_id']}\b", log)) <= 1
+        assert len(re.findall(rf"world_size=2 nodes=1 backend=gloo .*trial-{r['trial_id']}\b", log)) <= 1
         if r["status"] == "ok":
             assert int(r["iterations"]) == epochs + 1
     assert any(r["status"] == "ok" for r in rows)
