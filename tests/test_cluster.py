@@ -28,13 +28,13 @@ from test_distributed import (
     _dense_weights,
     _env,
     _finish,
-    _free_port,
     _matches_one_process,
     _max_diff,
     _rank_processes,
     _single,
 )
 
+from tests._net import free_port
 from toolkit.config import ConfigError, load_config
 from toolkit.train import preempt
 from toolkit.train.preempt import PREEMPTED_EXIT
@@ -91,7 +91,7 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path: Path) -> None:
     # --master_addr (127.0.0.1), sharing cache.root and the output folder as cluster nodes share a filesystem.
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = _free_port()
+    port = free_port()
     nodes = [subprocess.Popen([str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
                                "--master_addr", "127.0.0.1", "--master_port", str(port),
                                *_args(tmp_path, "two", NO_DROPOUT)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -116,7 +116,7 @@ def test_preempt_one_rank_then_resume_matches_uninterrupted(tmp_path: Path) -> N
     # scheduler reaches only some processes), then the ranks go on: both must stop at that step, write the resume
     # checkpoint (the only one: no periodic checkpoints) and exit with PREEMPTED_EXIT through the launcher.
     marker, go = tmp_path / "paused", tmp_path / "go"
-    proc = _deepspeed(tmp_path, "preempted", PREEMPT, port=_free_port(), script=PAUSED,
+    proc = _deepspeed(tmp_path, "preempted", PREEMPT, port=free_port(), script=PAUSED,
                       **{PAUSE_ENV: f"dense:{PAUSE_AT}:{marker}", "RESUME_WHEN": str(go)})
     _wait_for([Path(f"{marker}.rank{r}") for r in (0, 1)], proc)
     _rank_processes(proc, PAUSED)[1].send_signal(signal.SIGUSR1)
@@ -132,9 +132,9 @@ def test_preempt_one_rank_then_resume_matches_uninterrupted(tmp_path: Path) -> N
     assert (resume_dir / "latest").read_text().strip() == "epoch1-step4"
     assert sorted(p.name for p in (resume_dir / "rank-state").iterdir()) == ["epoch1-step4.rank0.pkl",
                                                                             "epoch1-step4.rank1.pkl"]
-    out = _finish(_deepspeed(tmp_path, "preempted", [*PREEMPT, "--resume"], port=_free_port()))
+    out = _finish(_deepspeed(tmp_path, "preempted", [*PREEMPT, "--resume"], port=free_port()))
     assert "dense: resumed at epoch 2, micro-step 4" in out
-    _finish(_deepspeed(tmp_path, "clean", PREEMPT, port=_free_port()))
+    _finish(_deepspeed(tmp_path, "clean", PREEMPT, port=free_port()))
     diff = _max_diff(_dense_weights(tmp_path, "preempted"), _dense_weights(tmp_path, "clean"))
     print(f"preempted + resumed vs uninterrupted (dense model): max weight difference {diff:.3g}")
     assert diff == 0.0, f"resume after preemption is not exact: max weight difference {diff}"
@@ -190,7 +190,7 @@ def test_slurm_script_requeues_on_preemption_then_resumes(tmp_path: Path) -> Non
     def job(**extra: str) -> subprocess.Popen:
         return subprocess.Popen(["bash", str(SBATCH), *overrides], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                env=_env(**slurm, MASTER_PORT=str(_free_port()), **extra))
+                                env=_env(**slurm, MASTER_PORT=str(free_port()), **extra))
 
     proc = job(TRAIN=str(PAUSED), **{PAUSE_ENV: f"dense:{PAUSE_AT}:{marker}", "RESUME_WHEN": str(go)})
     _wait_for([Path(f"{marker}.rank{r}") for r in (0, 1)], proc)

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests._net import free_port
 from toolkit.config import ProbeConfig
 from toolkit.console import Console
 from toolkit.model import LinearProbe
@@ -122,7 +122,7 @@ def test_checkpoint_every_counts_optimizer_steps() -> None:
 def test_bf16_engine_saves_fp32_master_weights() -> None:
     # DeepSpeed's CPU accelerator takes bf16, so this runs here: the engine computes with bf16 parameters, and the
     # model `train_model` leaves behind (and `save_checkpoint` writes) must be the optimiser's fp32 master copy.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "_bf16_master.py")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -147,13 +147,6 @@ def _env(**extra: str) -> dict[str, str]:
     env.pop(PAUSE_ENV, None)
     env.update(extra)
     return env
-
-
-def _free_port() -> int:
-    """A port nobody listens on now (other test sessions may run their own launchers on this machine)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _args(tmp: Path, name: str, extra: list[str], script: Path = TRAIN) -> list[str]:
@@ -209,7 +202,7 @@ def _compare(a: tuple[dict, dict], b: tuple[dict, dict], label: str) -> float:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_ranks_with_batchnorm_match_one_process(tmp_path: Path) -> None:
-    out = _finish(_deepspeed(tmp_path, "two", NO_DROPOUT, port=_free_port()))
+    out = _finish(_deepspeed(tmp_path, "two", NO_DROPOUT, port=free_port()))
     assert "world_size=2" in out and "backend=gloo" in out
     assert "engine deepspeed (ZeRO stage 0, 2 ranks, fp32), 2 synchronised BatchNorms" in out
     assert out.count("run directory:") == 1  # rank 0 alone prints
@@ -255,7 +248,7 @@ def test_kill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path) -> Non
     # bounds a broken run, it never decides the outcome.
     marker = tmp_path / "paused"
     paused = ROOT / "tests" / "_paused_train.py"
-    proc = _deepspeed(tmp_path, "killed", RESUME, port=_free_port(), script=paused,
+    proc = _deepspeed(tmp_path, "killed", RESUME, port=free_port(), script=paused,
                       **{PAUSE_ENV: f"dense:{PAUSE_AT}:{marker}"})
     deadline = time.monotonic() + 900
     while not all(Path(f"{marker}.rank{r}").is_file() for r in (0, 1)):
@@ -276,11 +269,11 @@ def test_kill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path) -> Non
     resume_dir = next((tmp_path / "killed" / "art" / "dense").glob(".work-*/resume"))
     assert (resume_dir / "latest").read_text().strip() == "epoch1-step4"  # epoch 2, 4 micro-steps = step 3
 
-    out = _finish(_deepspeed(tmp_path, "killed", [*RESUME, "runtime.resume=true"], port=_free_port()))
+    out = _finish(_deepspeed(tmp_path, "killed", [*RESUME, "runtime.resume=true"], port=free_port()))
     assert "dense: resumed at epoch 2, micro-step 4" in out
     assert not list((tmp_path / "killed" / "art").glob("*/.tmp-*")), "the killed run left a temp folder"
     assert not list((tmp_path / "killed" / "art").glob("*/.work-*")), "resume checkpoints were not cleaned up"
-    _finish(_deepspeed(tmp_path, "clean", RESUME, port=_free_port()))
+    _finish(_deepspeed(tmp_path, "clean", RESUME, port=free_port()))
     diff = _compare(_result(tmp_path, "killed"), _result(tmp_path, "clean"), "killed + resumed vs uninterrupted")
     assert diff == 0.0, f"resume is not exact: max weight difference {diff}"
     hist = [json.loads((d / "history.json").read_text()) for d in

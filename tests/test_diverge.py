@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_distributed import _deepspeed, _free_port, _Tokens
+from tests._net import free_port
+from tests.test_distributed import _deepspeed, _Tokens
 from toolkit.config import ProbeConfig, load_config
 from toolkit.console import Console
 from toolkit.model import LinearProbe
@@ -61,7 +62,7 @@ def test_diverging_dense_stage_stops_at_once_naming_the_last_good_checkpoint(tin
 @pytest.mark.slow
 def test_two_ranks_both_stop_at_the_same_step_and_the_job_fails(tmp_path: Path) -> None:
     proc = _deepspeed(tmp_path, "nan", [*DIVERGE, "probe_dinov2.enabled=false", "--until", "dense"],
-                      port=_free_port())
+                      port=free_port())
     out, _ = proc.communicate(timeout=600)  # a hang guard only: a rank left waiting in a collective would hit it
     assert proc.returncode != 0, out[-4000:]
     stops = MESSAGE.findall(out)

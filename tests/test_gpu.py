@@ -16,7 +16,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests._net import free_port
 from toolkit.config import BackboneConfig, DataConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +38,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA
 # images (tests.test_gpu.token_agreement on the CPU device).
 MIN_MEAN_COSINE = 0.995
 MIN_TOKEN_COSINE = 0.98
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cuda_provider_or_skip() -> None:
@@ -58,7 +52,7 @@ def _cuda_provider_or_skip() -> None:
 def test_deepspeed_bf16_on_one_gpu_trains_the_tiny_config(tmp_path: Path, record_property) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(_free_port()),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
            str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
            f"cache.root={tmp_path / 'art'}", f"runtime.output_dir={tmp_path / 'runs'}", "runtime.run_name=r",
            "runtime.engine=deepspeed", "runtime.device=cuda", "runtime.precision=bf16", "runtime.progress=false"]

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ import requests
 import tritonclient.http as th
 from PIL import Image
 
+from tests._net import free_port
 from toolkit.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +71,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"tmp": tmp, "run": run_dir, "model": model, "triton": tmp / "triton", "images": images}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Service:
     url: str
@@ -90,7 +84,7 @@ class Service:
 def service(tiny: dict) -> Service:
     """`dinoqpm-serve` on the tiny model, as a user starts it, with small limits so the refusals are cheap to
     trigger. Stopped with SIGTERM at the end, which must shut Ray down and exit 0."""
-    port = _free_port()
+    port = free_port()
     log = tiny["tmp"] / "serve.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with log.open("w") as out:
