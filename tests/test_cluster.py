@@ -67,9 +67,14 @@ def test_signal_only_sets_a_flag_until_uninstalled() -> None:
         assert preempt.installed() and not preempt.agreed(torch.device("cpu"))
         os.kill(os.getpid(), signal.SIGUSR1)  # handled in this (main) thread before kill returns to Python code
         assert preempt.signalled() == "SIGUSR1" and preempt.agreed(torch.device("cpu"))
+        grace_timer = preempt._WATCH.timer
+        assert grace_timer is not None and grace_timer.is_alive()
     finally:
         preempt.uninstall()
     assert not preempt.installed() and preempt.signalled() is None
+    # The grace timer is cancelled with the signal: once it ran out it would have ended this process (status 75).
+    grace_timer.join(timeout=30)
+    assert grace_timer.finished.is_set() and not grace_timer.is_alive()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 

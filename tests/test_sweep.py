@@ -267,6 +267,12 @@ def test_failure_reason_is_the_root_cause_in_one_line() -> None:
     assert reason == "ConfigError: config key 'qp.n_per_class': must be in [1, qp.n_features=6], got 9"
     wrapped = RuntimeError("Traceback (most recent call last):\n  File x\ntoolkit.config.ConfigError: bad value")
     assert res.failure_reason(wrapped) == "ConfigError: bad value"
+    # Ray Train's health-check error says which worker; why it failed is in its `health_check_failure`.
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    died = WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: Worker(pid=1, " + "x" * 600 + ")",
+                                        failure=RuntimeError("The actor died unexpectedly: killed by OOM"))
+    assert res.failure_reason(died) == "RuntimeError: The actor died unexpectedly: killed by OOM"
 
 
 def test_summarize_writes_table_csv_best_yaml_and_summary(tmp_path: Path) -> None:

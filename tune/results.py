@@ -74,7 +74,9 @@ def failure_reason(error: BaseException | None) -> str:
     e, seen = error, set()
     while id(e) not in seen:  # Ray wraps the trial's exception (RayTaskError.cause, TuneError.__cause__)
         seen.add(id(e))
-        nxt = getattr(e, "cause", None) or e.__cause__
+        # Ray Train's WorkerHealthCheckFailedError keeps why the worker could not be polled (its process died, ...)
+        # in `health_check_failure`; its own message is only the worker's description.
+        nxt = getattr(e, "cause", None) or getattr(e, "health_check_failure", None) or e.__cause__
         if not isinstance(nxt, BaseException):
             break
         e = nxt

@@ -46,18 +46,26 @@ class _Watch:
         self.signum: int | None = None
         self.received_at = 0.0
         self.previous: dict[int, object] = {}
+        self.timer: threading.Timer | None = None
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:  # a launcher may forward the signal a second time
             return
         self.signum, self.received_at = signum, time.monotonic()
-        timer = threading.Timer(self.grace_s, self.expire)
-        timer.daemon = True
-        timer.start()
+        self.timer = threading.Timer(self.grace_s, self.expire, args=(signum,))
+        self.timer.daemon = True
+        self.timer.start()
 
-    def expire(self) -> None:
+    def cancel(self) -> None:
+        """Forget a received signal and stop its grace timer (a process that goes on, e.g. a test, must not exit
+        when the timer of a signal it already handled runs out)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer, self.signum = None, None
+
+    def expire(self, signum: int) -> None:
         sys.stderr.write(f"preempted: no resume checkpoint within runtime.preempt_grace_s={self.grace_s:g} s of "
-                         f"{signal.Signals(self.signum or 0).name}; exiting with status {PREEMPTED_EXIT}. --resume "
+                         f"{signal.Signals(signum).name}; exiting with status {PREEMPTED_EXIT}. --resume "
                          "continues from the last complete checkpoint (runtime.checkpoint_every) or redoes the "
                          "unfinished stage.\n")
         sys.stderr.flush()
@@ -83,7 +91,7 @@ def uninstall() -> None:
     for s, handler in _WATCH.previous.items():
         signal.signal(s, handler)  # type: ignore[arg-type]
     _WATCH.previous.clear()
-    _WATCH.signum = None
+    _WATCH.cancel()
 
 
 def installed() -> bool:
