@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
-# One thread per process: DeepSpeed/torch ranks and Ray workers share the cores instead of oversubscribing them.
-export OMP_NUM_THREADS ?= 1
+# Tests: one thread per process, so the DeepSpeed ranks and Ray workers they start share the cores instead of
+# oversubscribing them. The demo is one process: runtime.threads=auto gives it every core.
+test test-fast: export OMP_NUM_THREADS ?= 1
 
 .PHONY: install data demo test test-fast lint clean
 

@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests._net import free_port
-from toolkit.config import ProbeConfig
+from toolkit.config import ProbeConfig, RuntimeConfig
 from toolkit.console import Console
+from toolkit.distributed import set_threads, usable_cores
 from toolkit.model import LinearProbe
 from toolkit.train import TorchEngine, fit
 from toolkit.train.loop import accumulation_group, optimizer_steps_per_epoch
@@ -84,6 +85,21 @@ def _train(*, n: int, micro: int, grad_accum: int, epochs: int, every: int = 0,
     fit(engine, data, cfg, micro_batch=micro, seed=0, backbone=None, console=Console(enabled=False), name="t",
         grad_accum=grad_accum, checkpoint=lambda e, state, mine: saved.append(dict(state)), every=every)
     return model, engine, saved, lrs
+
+
+def test_threads_follow_the_config_then_omp_then_the_cores_per_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        for var in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+            monkeypatch.delenv(var, raising=False)
+        assert set_threads(RuntimeConfig()) == usable_cores() == torch.get_num_threads()  # one process: every core
+        monkeypatch.setenv("LOCAL_SIZE", str(usable_cores() * 2))  # more ranks than cores (deepspeed's variable)
+        assert set_threads(RuntimeConfig()) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set by torchrun, Ray or the user: honoured
+        assert set_threads(RuntimeConfig()) == 3 == torch.get_num_threads()
+        assert set_threads(RuntimeConfig(threads=2)) == 2 == torch.get_num_threads()  # the config wins
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_accumulation_groups_end_with_the_epoch() -> None:

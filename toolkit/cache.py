@@ -37,6 +37,7 @@ from toolkit.artifacts import check_artifact, content_key
 from toolkit.config import BackboneConfig, DataConfig
 from toolkit.console import Console
 from toolkit.data import Holdout, Preprocess, mask_to_grid, preprocess_for
+from toolkit.distributed import local_world_size, usable_cores
 from toolkit.model import Backbone, weights_identity
 
 LAYER = "last-block+final-norm"  # which tokens are cached (docs/method.md#model: last block, use_norm=True)
@@ -333,8 +334,7 @@ def loader_options(num_workers: int | str, pin_memory: bool, device: torch.devic
     """
     cuda = device.type == "cuda"
     if num_workers == "auto":
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        num_workers = min(8, max(1, (os.cpu_count() or 1) // local)) if cuda else 0
+        num_workers = min(8, max(1, usable_cores() // local_world_size())) if cuda else 0
     workers = int(num_workers)
     out: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(pin_memory and cuda)}
     if workers:

@@ -450,6 +450,10 @@ class RuntimeConfig(_Section):
     # DataLoader processes that decode and resize images (token extraction, live mode); "auto" = 0 on CPU (the
     # cores are busy with the model), min(8, CPU cores per local rank) on CUDA.
     num_workers: Literal["auto"] | NonNegInt = "auto"
+    # Intra-op threads of torch in each process. "auto": OMP_NUM_THREADS when it is set (torchrun and Ray set it for
+    # their processes), else the cores this process may use divided by the ranks on its node. Without it, a plain
+    # `python launch/train.py` under an exported OMP_NUM_THREADS=1 runs the backbone on one core of many.
+    threads: Literal["auto"] | PosInt = "auto"
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only; ignored on CPU)
 
 

@@ -72,6 +72,31 @@ def ranks_text(world_size: int) -> str:
     return f"{world_size} ranks" + (f" on {nodes} nodes" if nodes > 1 else "")
 
 
+def local_world_size() -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, else 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which Slurm and containers narrow), else cpu_count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(cfg: RuntimeConfig) -> int:
+    """Set torch's intra-op thread count from runtime.threads (see its comment) and return it."""
+    if cfg.threads != "auto":
+        threads = cfg.threads
+    elif os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    else:
+        threads = max(1, usable_cores() // local_world_size())
+    torch.set_num_threads(threads)
+    return threads
+
+
 def resolve_device(cfg: RuntimeConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'runtime.device': cuda was asked for but no CUDA device is visible; "

@@ -44,6 +44,7 @@ from toolkit.distributed import (
     resolve_device,
     resolve_precision,
     seed_everything,
+    set_threads,
 )
 from toolkit.files import DiskFullError, atomic_write_text, disk_full, is_disk_full, write_json
 from toolkit.model import Backbone, create_backbone
@@ -71,7 +72,7 @@ class PipelineResult:
 # Settings that change where or how a run executes, not what it computes: a resumed run, or the same config from
 # another checkout or output folder, is the same run.
 _EXECUTION_ONLY = {"runtime": ("resume", "progress", "output_dir", "run_name", "collective_timeout_s", "num_workers",
-                               "pin_memory", "preempt_grace_s"),
+                               "pin_memory", "preempt_grace_s", "threads"),
                    "cache": ("root",)}
 
 
@@ -199,8 +200,9 @@ def _run_stages(cfg: RunConfig, run_dir: Path, datasets: dict[str, Any], stages:
               else "ddp" if info.world_size > 1 else "one process")
     layout = rank_layout(device)
     nodes = len({r["node"] for r in layout})
+    threads = set_threads(cfg.runtime)
     console.log(f"world_size={info.world_size} nodes={nodes} backend={info.backend} device={device} "
-                f"precision={precision} engine={engine} toolkit={__version__} run_dir={run_dir}")
+                f"threads={threads} precision={precision} engine={engine} toolkit={__version__} run_dir={run_dir}")
     root = Path(cfg.cache.root)
     on_epoch = chain(on_epoch, epoch_logger(run_dir, is_main=info.is_main, console=console))  # curves -> TensorBoard
     options = loader_options(cfg.runtime.num_workers, cfg.runtime.pin_memory, device)
