@@ -20,6 +20,7 @@ from toolkit.metrics import (
     contrastiveness,
     correlation,
     dilate_masks,
+    feature_part,
     feature_peak_overlap,
     fit_gmm_1d,
     gaussian_overlap,
@@ -370,3 +371,27 @@ def test_correlation_reads_raw_features_not_standardised() -> None:
     fz = (f - f.mean(0)) / f.std(0)
     assert class_independence(fz, y, n_classes=3) == pytest.approx(class_independence(f, y, n_classes=3))
     assert contrastiveness(fz) == pytest.approx(contrastiveness(f), abs=1e-4)
+
+
+def test_feature_metrics_of_an_earlier_call_are_reused_not_recomputed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluation scores validation and test against the same train features: the second split reuses the
+    first one's feature metrics (contrastiveness's EM over 50k train rows takes minutes), with the same values."""
+    from toolkit.metrics import report
+
+    inputs = _toy_inputs(True)
+    first = compute_all(**inputs, k=3)
+    shared = feature_part(first)
+    assert set(shared) == {"class_independence", "contrastiveness", "correlation"}
+
+    def refuse(*_: object, **__: object) -> float:
+        raise AssertionError("recomputed a feature metric that was passed in")
+
+    for name in ("class_independence", "contrastiveness", "correlation"):
+        monkeypatch.setattr(report, name, refuse)
+    other = {**inputs, "logits": inputs["logits"][::-1].copy(), "maps": inputs["maps"][::-1].copy()}
+    again = compute_all(**other, k=3, feature_metrics=shared)
+    assert {k: again[k] for k in shared} == shared
+    # An undefined feature metric stays undefined, with its reason.
+    why = {"correlation": "needs two columns"}
+    out = compute_all(**other, k=3, feature_metrics={"contrastiveness": 0.5, "undefined": why})
+    assert out["contrastiveness"] == 0.5 and "correlation" not in out and out["undefined"] == why

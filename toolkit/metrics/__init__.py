@@ -21,9 +21,10 @@ from toolkit.metrics.plausibility import (
     plausibility,
     segmentation_overlaps,
 )
-from toolkit.metrics.report import MODELS, REPORTED, SID_K, compute_all
+from toolkit.metrics.report import FEATURE_KEYS, MODELS, REPORTED, SID_K, compute_all, feature_part
 
 __all__ = [
+    "FEATURE_KEYS",
     "MODELS",
     "MetricUndefined",
     "REPORTED",
@@ -37,6 +38,7 @@ __all__ = [
     "correlation",
     "cosine_similarity_rows",
     "dilate_masks",
+    "feature_part",
     "feature_peak_overlap",
     "fit_gmm_1d",
     "gaussian_overlap",

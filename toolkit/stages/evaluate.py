@@ -52,7 +52,7 @@ from toolkit.distributed import resolve_device
 from toolkit.explain.html import write_html
 from toolkit.explain.report import format_metric, metric_label, render_explanations, write_report
 from toolkit.files import write_json
-from toolkit.metrics import MODELS, REPORTED, SID_K, accuracy, compute_all, per_class_accuracy
+from toolkit.metrics import MODELS, REPORTED, SID_K, accuracy, compute_all, feature_part, per_class_accuracy
 from toolkit.model import DinoQPM, LinearProbe, load_checkpoint
 from toolkit.runs import Run, load_run
 from toolkit.train import evaluate, store_maps
@@ -99,15 +99,18 @@ def class_attributes(run: Run) -> np.ndarray | None:
 
 
 def evaluate_model(model: torch.nn.Module, run: Run, split: Any, keep: np.ndarray, train_features: np.ndarray,
-                   attributes: np.ndarray | None = None) -> dict[str, Any]:
+                   attributes: np.ndarray | None = None,
+                   feature_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """The metrics of one model on one evaluation split (`run.val` or `run.test`: accuracy and maps); the feature
-    metrics read `train_features`, (N_fit, F') of the fit rows."""
+    metrics read `train_features`, (N_fit, F') of the fit rows, or are `feature_metrics` (`metrics.feature_part`
+    of this model's other split: the same train features give the same values)."""
     logits, _, maps = model_outputs(model, split, keep=keep)
     y = split.labels
     masks = split.masks
     out = compute_all(logits=logits[keep], labels=y[keep], maps=maps, features=train_features,
                       head_weight=head_weight(model), masks=None if masks is None else masks[keep], k=SID_K,
-                      seed=run.cfg.runtime.seed, feature_labels=run.fit.labels, class_attributes=attributes)
+                      seed=run.cfg.runtime.seed, feature_labels=run.fit.labels, class_attributes=attributes,
+                      feature_metrics=feature_metrics)
     out["accuracy"] = accuracy(logits, y)
     # Keyed by class name (null for a class without images), so nobody has to know the label order.
     out["per_class_accuracy"] = {name: None if np.isnan(a) else float(a) for name, a in
@@ -158,8 +161,10 @@ def evaluate_run(run_dir: Path, *, max_map_images: int | None | str = FROM_RUN,
     attributes = class_attributes(run)
     for name, model in models.items():
         _, train_features, _ = model_outputs(model, run.fit)
+        shared = None  # the feature metrics of the train features: computed with the first split, then reused
         for split_name, split in splits.items():
-            new = evaluate_model(model, run, split, keeps[split_name], train_features, attributes)
+            new = evaluate_model(model, run, split, keeps[split_name], train_features, attributes, shared)
+            shared = feature_part(new) if shared is None else shared
             section = metrics.setdefault(name, {}).get(split_name) or {}
             old = section.get("accuracy")
             if old is not None and abs(old - new["accuracy"]) > 1e-9:
