@@ -8,7 +8,7 @@ Sections, each measured side by side in this one run; every figure goes into the
     2. token extraction images/s at 224 px (demo backbone ViT-S/14), fp32 vs bf16 autocast
     3. adapter training step (default adapter 384 -> 4 x 2048 -> 512 on 257 tokens, bf16, AdamW): achieved
        TFLOP/s and its share of the device's dense bf16 peak (goal >= 40 %)
-    4. one complete `launch/train.py` run of configs/fashion_mnist_full.yaml (60,000 train / 10,000 test images at
+    4. one complete `launch/train.py` run of configs/fashion_mnist_full_gpu.yaml (60,000 train / 10,000 test images at
        224 px): accuracies and wall time
     5. ONNX Runtime's CUDA provider vs torch on CUDA, fp32 and fp16, batch 1 and 32 (median latency)
 With --cpu-smoke: the tiny preset, a tiny random-init ViT, 56 px, batch 1 and 2, the CPU provider; the gpu tests
@@ -167,7 +167,7 @@ def adapter_step(smoke: bool, device: torch.device, peak: float | None) -> list[
 
 
 def full_run(smoke: bool, work: Path) -> tuple[list[Row], Path]:
-    preset = "tiny" if smoke else "fashion_mnist_full"
+    preset = "tiny" if smoke else "fashion_mnist_full_gpu"
     run = work / "runs" / "check"
     cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs" / f"{preset}.yaml"),
            f"cache.root={work / 'art'}", f"runtime.output_dir={work / 'runs'}", "runtime.run_name=check",
