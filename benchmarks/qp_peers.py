@@ -228,11 +228,13 @@ def lazy_solve(milp: Milp, backend: object, deadline: float, mip_gap: float) -> 
     while deadline - time.perf_counter() >= _MIN_ROUND_S:
         rnd: Round = backend.run(deadline - time.perf_counter())  # type: ignore[attr-defined]
         bound = min(bound, rnd.bound)
-        last_problem, last = "no answer", []
+        last_problem, last, last_value = "no answer", [], math.nan
         for i, vals in enumerate(reversed(rnd.solutions)):  # best first; the first that passes is the round's answer
             sel, assignment, problem = milp.decode(vals)
             if i == 0:
                 last_problem, last = problem, assignment
+                # The solver's best answer scored as is (a repeated class set does not change the formula).
+                last_value = objective(milp.p, sel, assignment) if len(sel) == milp.p.k else math.nan
             if not problem:
                 value = objective(milp.p, sel, assignment)
                 best = value if best is None else max(best, value)
@@ -241,7 +243,9 @@ def lazy_solve(milp: Milp, backend: object, deadline: float, mip_gap: float) -> 
             notes.append(f"round {rounds}: proven")
             break
         if not rnd.finished or not rnd.solutions:
-            notes.append(f"round {rounds}: stopped, last answer: {last_problem or 'feasible'}")
+            what = f"{last_value:.4f}" + (f" with {last_problem}" if last_problem else " (feasible)")
+            notes.append(f"round {rounds}: stopped, solver's last answer {what}" if rnd.solutions
+                         else f"round {rounds}: stopped, no answer")
             break
         cut_rows, classes = milp.new_cuts(last)
         if not cut_rows:  # finished with a structurally bad answer that no cut can fix: report, do not loop
@@ -554,9 +558,14 @@ def verdicts(rows: list[dict]) -> list[str]:
                 continue
             best_peer_gap = min(r["gap"] for r in peers)
             smallest = ours["gap"] <= best_peer_gap + 1e-12
-            gap_txt = (f"our gap {100 * ours['gap']:.4f}% is the smallest (best peer {100 * best_peer_gap:.4f}%)"
+            peer_txt = (f"best peer {100 * best_peer_gap:.4f}%" if math.isfinite(best_peer_gap)
+                        else "no peer has a feasible answer")
+            gap_txt = (f"our gap {100 * ours['gap']:.4f}% is the smallest ({peer_txt})"
                        if smallest else f"our gap {100 * ours['gap']:.4f}% is NOT the smallest: "
                        + ", ".join(f"{r['solver']} {100 * r['gap']:.4f}%" for r in peers if r["gap"] < ours["gap"]))
+            low = min(peers, key=lambda r: r["bound"])
+            gap_txt += (f"; our bound {ours['bound']:.4f} is {'below' if ours['bound'] <= low['bound'] else 'ABOVE'} "
+                        f"the best peer bound {low['bound']:.4f} ({low['solver']})")
             better = [r for r in peers if r["objective"] is not None and ours["objective"] is not None
                       and r["objective"] > ours["objective"] + 1e-9 * max(abs(ours["objective"]), 1.0)]
             obj_txt = ("; a better objective from " + ", ".join(
