@@ -77,10 +77,33 @@ def tau_for(rule: str, R: np.ndarray, k: int) -> float | None:
     return float(np.quantile(upper, {"q99": 0.99, "q95": 0.95, "q85": 0.85}[rule]))
 
 
+def rule_R(A: np.ndarray, R: np.ndarray, rule: str, *, simulated: bool) -> np.ndarray:
+    """R as a rule reads it: the reference rule keeps negative cosines, the others set them to 0. Simulated
+    instances come with R >= 0 (`instance`); a real run stores R as its rule made it (negatives kept by the default
+    reference rule)."""
+    if rule == "reference" and simulated:
+        return similarity_R(A, keep_negative=True)
+    if rule != "reference" and not simulated:
+        return np.maximum(R, 0.0)
+    return R
+
+
+def real_instance(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A and R of a real run's inputs.npz (R = cosine of A's rows with negatives kept when the file has none)."""
+    A, R = load_inputs(path)
+    return A, similarity_R(A, keep_negative=True) if R is None else R
+
+
+def config_for(rule: str, R: np.ndarray, time_limit: float, method: str, *, k: int = 50, m: int = 5,
+               mip_gap: float | None = None) -> QPConfig:
+    """The solve_qp configuration of a rule (R already as the rule reads it, `rule_R`)."""
+    extra = {} if mip_gap is None else {"mip_gap": mip_gap}
+    return QPConfig(n_features=k, n_per_class=m, redundancy_threshold=tau_for(rule, R, k), solver=method,
+                    time_limit=time_limit, redundancy_rule="reference" if rule == "reference" else "clique", **extra)
+
+
 def run(name: str, A: np.ndarray, R: np.ndarray, rule: str, time_limit: float, method: str) -> dict:
-    tau = tau_for(rule, R, 50)
-    cfg = QPConfig(n_features=50, n_per_class=5, redundancy_threshold=tau, solver=method, time_limit=time_limit,
-                   redundancy_rule="reference" if rule == "reference" else "clique")
+    cfg = config_for(rule, R, time_limit, method)
     sel = solve_qp(A, R, cfg, log=lambda line: print(f"  [{time.strftime('%X')}] {line}", flush=True))
     used = len({f for fs in sel.assignment for f in fs})
     r = {"instance": name, "F": A.shape[0], "C": A.shape[1], "rule": rule, "tau": sel.tau,
@@ -117,17 +140,9 @@ def main() -> None:
     rows, cache = [], {}
     for name, rule in jobs:
         if name not in cache:
-            if name in SIZES:
-                cache[name] = instance(name, args.seed)
-            else:
-                A, R = load_inputs(Path(name))
-                cache[name] = (A, similarity_R(A, keep_negative=True) if R is None else R)
+            cache[name] = instance(name, args.seed) if name in SIZES else real_instance(Path(name))
         A, R = cache[name]
-        if rule == "reference" and name in SIZES:  # the reference rule keeps negative cosines in R
-            R = similarity_R(A, keep_negative=True)
-        elif rule != "reference" and name not in SIZES:
-            # A reference-rule run stores R with its negative cosines; the other rules set them to 0.
-            R = np.maximum(R, 0.0)
+        R = rule_R(A, R, rule, simulated=name in SIZES)
         limit = args.time_limit or (600.0 if name == "imagenet" else 60.0)
         for method in args.methods:
             rows.append(run(name, A, R, rule, limit, method))

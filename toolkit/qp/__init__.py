@@ -28,7 +28,7 @@ from __future__ import annotations
 from toolkit.qp._checks import QPInfeasibleError, QPInputError, QPSolverError, QPVerificationError
 from toolkit.qp.certificate import Selection, check_structure, weight_matrix
 from toolkit.qp.problem import Problem, build_problem, objective
-from toolkit.qp.solve import solve_qp
+from toolkit.qp.solve import problem_for, solve_qp
 from toolkit.qp.threshold import choose_tau
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "check_structure",
     "choose_tau",
     "objective",
+    "problem_for",
     "solve_qp",
     "weight_matrix",
 ]

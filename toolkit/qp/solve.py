@@ -134,6 +134,17 @@ def solve_qp(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig,
     return _certify(run, tau, input_sha256(a, r))
 
 
+def problem_for(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig) -> Problem:
+    """The instance `solve_qp(A, R, cfg)` solves: the same pre-checks, tau and penalised pairs, so that other solvers
+    can be given exactly the same problem (benchmarks/qp_peers.py) and scored by `problem.objective`.
+
+    Raises:
+        QPInputError, QPInfeasibleError: as `solve_qp`, for malformed inputs or impossible settings.
+    """
+    a, r, _ = _validate(A, R, cfg.model_copy(update={"solver": "heuristic"}))  # no backend needed to build it
+    return _build_problem(a, r, cfg, lambda _msg: None)[0]
+
+
 def _validate(A: np.ndarray, R: np.ndarray | None, cfg: QPConfig) -> tuple[np.ndarray, np.ndarray, Backend | None]:
     """Pre-checks before any solving: the inputs, the solver (resolved to a backend; None for the heuristic) and
     the redundancy rule. Returns (A, R, backend), with R the cosine of A's rows when it was None."""
