@@ -12,8 +12,8 @@ used. The solvers, each in its own process (a clean HiGHS thread pool, and a hun
 
 * ours: `solve_qp` with solver "highs" and the same time limit and gap target (its HiGHS calls use HiGHS's default
   thread count, one thread on a 2-core machine; the other phases are numpy);
-* highs: HiGHS (highspy) alone, no start and none of our bounds, on the exact MILP "F1" of docs/method.md#qp (the
-  reference notes' section 7.3 without pruning): s binary; x_fc in [0, 1] for every (feature, class) (integral for a
+* highs: HiGHS (highspy) alone, no start and none of our bounds, on the exact MILP of docs/method.md#qp, without
+  pruning: s binary; x_fc in [0, 1] for every (feature, class) (integral for a
   fixed integral s: the class and link rows form a bipartite incidence matrix); y_p >= s_i + s_j - 1, y_p in [0, 1]
   for the product terms (the McCormick lower envelope suffices: the penalty is subtracted and pw > 0);
 * scip: the same MILP, written by HiGHS as MPS and read by SCIP (pyscipopt), so both solve the identical model.
