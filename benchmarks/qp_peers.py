@@ -68,7 +68,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts: qp.py sits beside us
+# benchmarks/ is a folder of scripts: qp.py sits beside us. Appended, not put first: imported from elsewhere (the
+# tests), its scripts must not shadow packages of the same name (benchmarks/serve.py and the `serve` package).
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
 
 from qp import config_for, instance, real_instance, rule_R, simulate  # noqa: E402
 

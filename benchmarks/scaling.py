@@ -16,7 +16,8 @@ After every size, `<output>/scaling.json` gets one record (written atomically): 
 manifest.json; a stage loaded from the cache counts the seconds of its build, from the artefact's manifest; evaluate
 is the time from the manifest's last write to report.html's), token extraction images/s, the peak resident memory
 of the process (`os.wait4`: ru_maxrss of the run's process, or of its largest child such as a DataLoader worker;
-it counts the pages of the memory-mapped token stores that the run touched, which the kernel can reclaim),
+it counts the pages of the memory-mapped token stores that the run touched, which the kernel can reclaim) and,
+sampled every second, its peak anonymous memory (RssAnon: what the run itself allocated) and when it came,
 bytes on disk of its two token stores, validation and test accuracy of the four models, the command, the machine
 and its load. A rerun skips every size recorded with the same resolved config (toolkit.pipeline.config_hash), so
 the script resumes after a stop; a size that was killed resumes from the artefact cache. Then it prints one table
@@ -34,6 +35,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +207,44 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             "token_disk_bytes": {**disk, "total": sum(disk.values())}}
 
 
+class MemorySampler:
+    """Samples a process's resident memory (/proc/<pid>/status, Linux) every `every` seconds in a thread: RssAnon
+    (its own heap: tensors, arrays) apart from RssFile (pages of mapped files such as the token stores, which count
+    in ru_maxrss but are page cache that the kernel can reclaim). `series` keeps (seconds since start, anon bytes,
+    file bytes) for finding which stage held the peak (log.txt's timestamps)."""
+
+    def __init__(self, pid: int, every: float = 1.0) -> None:
+        self.pid, self.every, self.t0 = pid, every, time.monotonic()
+        self.series: list[tuple[float, int, int]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> tuple[int, int] | None:
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.pid}/status").read_text().splitlines())
+            return tuple(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))  # type: ignore[return-value]
+        except (OSError, KeyError, ValueError):  # gone, or not Linux
+            return None
+
+    def _run(self) -> None:
+        while not self.done.wait(self.every):
+            got = self._sample()
+            if got is not None:
+                self.series.append((round(time.monotonic() - self.t0, 1), *got))
+
+    def stop(self) -> dict[str, Any]:
+        """Peak anonymous and file-backed memory (bytes; None when nothing could be read) and when the first came."""
+        self.done.set()
+        self.thread.join()
+        if not self.series:
+            return {"peak_anon_bytes": None, "peak_file_bytes": None}
+        t, anon, _ = max(self.series, key=lambda x: x[1])
+        return {"peak_anon_bytes": anon, "peak_anon_at_seconds": t,
+                "peak_file_bytes": max(x[2] for x in self.series),
+                "memory_series": [list(x) for x in self.series[::max(1, len(self.series) // 600)]]}
+
+
 def run_size(s: Size, config: Path) -> dict[str, Any]:
     """Run one size in its own process and return its record (raises on a failed run)."""
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(config), *s.overrides]
@@ -213,7 +253,9 @@ def run_size(s: Size, config: Path) -> dict[str, Any]:
           flush=True)
     date, load0, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg(), time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    sampler = MemorySampler(proc.pid)
     _, status, usage = os.wait4(proc.pid, 0)  # its rusage: ru_maxrss covers the run (and any waited-for child)
+    memory = sampler.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -221,7 +263,7 @@ def run_size(s: Size, config: Path) -> dict[str, Any]:
     run_dir = s.run_dir
     rec = {"config_hash": s.key, "per_class": s.per_class, "test_per_class": s.test_per_class,
            "n_train": s.n["train"], "n_test": s.n["test"], **read_run(run_dir),
-           "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_seconds": round(wall, 3),
+           "peak_rss_bytes": usage.ru_maxrss * 1024, **memory, "wall_seconds": round(wall, 3),
            "token_store_estimate_bytes": s.store_bytes, "run_dir": str(run_dir), "command": shlex.join(cmd),
            "date": date, "machine": {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
                                      "loadavg_start": [round(x, 2) for x in load0],
@@ -233,7 +275,8 @@ def run_size(s: Size, config: Path) -> dict[str, Any]:
 
 
 def print_table(records: list[dict[str, Any]], slope: dict[str, float | None]) -> None:
-    head = (f"{'n':>7} " + " ".join(f"{SHORT[s]:>7}" for s in STAGES) + f" {'img/s':>6} {'RSS GB':>6} {'tok GB':>6} "
+    head = (f"{'n':>7} " + " ".join(f"{SHORT[s]:>7}" for s in STAGES)
+            + f" {'img/s':>6} {'RSS GB':>6} {'anon GB':>7} {'tok GB':>6} "
             + " ".join(f"{name:>13}" for name in MODELS.values()))
     print("\nseconds per stage; accuracy as validation / test")
     print(head)
@@ -242,12 +285,17 @@ def print_table(records: list[dict[str, Any]], slope: dict[str, float | None]) -
         print(f"{r['n_train']:>7} " + " ".join(f"{r['stages'][s]['seconds']:>7.1f}" if s in r["stages"] else
                                                f"{'-':>7}" for s in STAGES)
               + f" {r['extraction_images_per_second']:>6.1f} {r['peak_rss_bytes'] / 1e9:>6.2f} "
+              + f"{_gb(r.get('peak_anon_bytes')):>7} "
               + f"{r['token_disk_bytes']['total'] / 1e9:>6.3f} "
               + " ".join(f"{_pct(a.get('val'))} / {_pct(a.get('test'))}".rjust(13) for a in acc))
     print("slope of log seconds against log n (n: train images; test images for tokens_test, train + test for "
           f"evaluate; '!' = above {STEEP}):")
     print("  " + ", ".join(f"{s} {'n/a' if v is None else f'{v:.2f}'}{'!' if v is not None and v > STEEP else ''}"
                            for s, v in slope.items()))
+
+
+def _gb(v: int | None) -> str:
+    return "n/a" if v is None else f"{v / 1e9:.2f}"
 
 
 def _pct(v: float | None) -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+# Appended, not first: benchmarks/serve.py must not shadow the `serve` package for the tests collected after this one.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import qp_peers  # noqa: E402
 
 from toolkit.qp import objective, problem_for  # noqa: E402

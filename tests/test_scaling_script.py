@@ -50,6 +50,8 @@ def test_two_tiny_sizes_recorded_plotted_and_resumed(tmp_path: Path, capfd: pyte
         for model in scaling.MODELS:
             assert all(0 <= r["accuracy"][model][split] <= 1 for split in ("val", "test")), (model, r["accuracy"])
         assert r["extraction_images_per_second"] > 0 and r["peak_rss_bytes"] > 100e6  # a process with torch
+        # Sampled every second: the run's own heap (torch alone is > 100 MB), below the peak that counts mapped files.
+        assert 100e6 < r["peak_anon_bytes"] <= r["peak_rss_bytes"] and r["memory_series"]
         estimate = sum(r["token_store_estimate_bytes"].values())
         assert 0.5 * estimate < r["token_disk_bytes"]["total"] < 2 * estimate
         assert r["overrides"] == overrides and "launch/train.py" in r["command"] and Path(r["run_dir"]).is_dir()
