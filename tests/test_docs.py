@@ -149,8 +149,12 @@ def options_of(program: str) -> frozenset[str]:
         else:
             spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
-            with mock.patch.object(sys, "path", [str(path.parent), *sys.path]):  # as `python path/x.py` runs it
-                parser = _intercept(lambda: (spec.loader.exec_module(module), _call_main(module)))
+            sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+            try:
+                with mock.patch.object(sys, "path", [str(path.parent), *sys.path]):  # as `python path/x.py` runs it
+                    parser = _intercept(lambda: (spec.loader.exec_module(module), _call_main(module)))
+            finally:
+                sys.modules.pop(spec.name, None)
     return frozenset(s for action in parser._actions for s in action.option_strings)
 
 
