@@ -451,8 +451,8 @@ class RuntimeConfig(_Section):
     # cores are busy with the model), min(8, CPU cores per local rank) on CUDA.
     num_workers: Literal["auto"] | NonNegInt = "auto"
     # Intra-op threads of torch in each process. "auto": OMP_NUM_THREADS when it is set (torchrun and Ray set it for
-    # their processes), else the cores this process may use divided by the ranks on its node. Without it, a plain
-    # `python launch/train.py` under an exported OMP_NUM_THREADS=1 runs the backbone on one core of many.
+    # their processes), else the cores this process may use divided by the ranks on its node. A number overrides
+    # OMP_NUM_THREADS (e.g. one exported for other jobs of a shell).
     threads: Literal["auto"] | PosInt = "auto"
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only; ignored on CPU)
 
