@@ -122,8 +122,8 @@ def compute_all(*, logits: Any, labels: Any, maps: Any, features: Any, head_weig
     measure(f"sid_at_{k}", lambda: sid_at_k(m, w, pred, k=k))
     used = f[:, relevant_features(w)]
     if feature_metrics is not None:
-        out.update({key: feature_metrics[key] for key in FEATURE_KEYS if key in feature_metrics})
-        undefined.update({key: why for key, why in feature_metrics.get("undefined", {}).items() if key in FEATURE_KEYS})
+        out.update({key: value for key, value in feature_metrics.items() if key != "undefined"})
+        undefined.update(feature_metrics.get("undefined", {}))
     else:
         if used.shape[1] >= 1:
             measure("class_independence", lambda: class_independence(used, f_labels, n_classes=n_classes))
