@@ -64,11 +64,14 @@ class PredictError(Exception):
 # ----------------------------------------------------------------------------------------------- session, metadata
 
 
-def open_session(model: Path, provider: str, *, threads: int | None = None) -> ort.InferenceSession:
+def open_session(model: Path, provider: str, *, threads: int | None = None,
+                 spin: bool = True) -> ort.InferenceSession:
     """An ONNX Runtime session on `provider` ("cpu" or "cuda"); CUDA that does not really load is an error.
 
     `threads` sets the intra-op pool (and one inter-op thread): ONNX Runtime ignores OMP_NUM_THREADS and otherwise
     takes every physical core, which several processes sharing a machine (a service's replicas) must not do.
+    `spin=False` stops the pool's threads from spin-waiting for work between and inside calls: a service's replica
+    shares its cores with its own request handling, which spinning threads would take CPU from.
     """
     if not model.is_file():
         raise PredictError(f"model file {model} does not exist")
@@ -76,6 +79,8 @@ def open_session(model: Path, provider: str, *, threads: int | None = None) -> o
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
         opts.intra_op_num_threads, opts.inter_op_num_threads = max(1, int(threads)), 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if provider == "cpu":
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     available = ort.get_available_providers()

@@ -1,7 +1,8 @@
 """Serve an exported model on this machine: a local Ray instance running serve.app until SIGTERM or Ctrl-C.
 
     dinoqpm-serve --model model.onnx [--name NAME] [--host 127.0.0.1] [--port 8000] [--provider cpu|cuda]
-                  [--replicas N | --min-replicas A --max-replicas B] [--num-cpus 1] [--num-gpus 0]
+                  [--ingress proxy|haproxy] [--replicas N | --min-replicas A --max-replicas B]
+                  [--num-cpus 1] [--num-gpus 0]
                   [--max-batch-size 8] [--batch-wait-ms 5] [--max-body-mb 32] [--max-image-pixels 25000000]
 
 Prints `ready: http://HOST:PORT/ ...` once every replica has opened its session, then serves until SIGTERM or
@@ -9,14 +10,23 @@ SIGINT, when it shuts Ray Serve and its Ray instance down and exits 0. Exit stat
 a file without the dinoqpm metadata, --provider cuda without CUDA, impossible replica settings); 1: a replica failed
 to start (its error is printed). For a cluster use `serve deploy` with a config
 like serve/cluster.yaml instead (docs/serving.md).
+
+`--ingress haproxy` is Ray Serve's high-throughput ingress (Ray >= 2.56, its HAProxy binary ships with
+ray[serve]): HAProxy in front, each replica answering HTTP itself, instead of Ray Serve's Python proxy actor
+forwarding every request to a replica. On 2 CPU cores it serves about 1.4x the requests/s (BENCHMARKS.md,
+"Serving"). It is not the default because HAProxy also opens a statistics page and a Prometheus endpoint on every
+interface (on free ports this command picks and prints); the proxy binds `--host` alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
+import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
+    p.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
+                   help="proxy: Ray Serve's HTTP proxy actor (binds --host only); haproxy: Ray Serve's HAProxy "
+                        "ingress, ~1.4x the throughput, but its stats and metrics ports listen on every interface")
     p.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (default 1)")
     p.add_argument("--min-replicas", type=int, default=None, help="autoscaling: fewest replicas (>= 1)")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas")
@@ -61,6 +74,39 @@ def _deployment_options(args: argparse.Namespace) -> dict:
             raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
         opts["num_replicas"] = 1 if args.replicas is None else args.replicas
     return opts
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free now (all held open together while they are picked, so no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def _ingress_env(ingress: str, workdir: Path) -> dict[str, str]:
+    """Environment for Ray Serve's HAProxy ingress on this machine; empty for the proxy.
+
+    Ray reads these when its modules load, in this process and in the workers its raylet starts, so they must be in
+    os.environ before `ray` is imported. HAProxy's defaults are fixed: ports 8404 (stats) and 9101 (metrics) and
+    files under /tmp/haproxy-serve, which a second service on the same machine would collide with; each service
+    gets free ports and its own folder. Direct ingress keeps a stopping replica's port open 30 s for an outside load
+    balancer to notice; here HAProxy is local and removes it at once, so 2 s is enough. A value already in the
+    environment wins.
+    """
+    if ingress != "haproxy":
+        return {}
+    stats, metrics = _free_ports(2)
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+           "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+           "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+           "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(workdir / "haproxy.cfg"),
+           "RAY_SERVE_HAPROXY_SOCKET_PATH": str(workdir / "admin.sock"),
+           "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(workdir),
+           "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(workdir / "server-state"),
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
 def _check_model(path: Path) -> None:
@@ -95,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    with tempfile.TemporaryDirectory(prefix="dinoqpm-serve-") as workdir:
+        ingress = _ingress_env(args.ingress, Path(workdir))
+        os.environ.update(ingress)
+        return _serve(args, options, ingress)
+
+
+def _serve(args: argparse.Namespace, options: dict, ingress: dict[str, str]) -> int:
     import ray
     from ray import serve
 
@@ -120,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         name = args.name or args.model.stem
+        if ingress:
+            print(f"ingress: HAProxy; its statistics page (port {ingress['RAY_SERVE_HAPROXY_STATS_PORT']}) and "
+                  f"Prometheus metrics (port {ingress['RAY_SERVE_HAPROXY_METRICS_PORT']}) listen on every interface",
+                  flush=True)
         print(f"ready: http://{args.host}:{args.port}/ (upload page), model {name!r} at "
               f"http://{args.host}:{args.port}/v2/models/{name}; SIGTERM or Ctrl-C stops", flush=True)
         while not stop.wait(1.0):

@@ -53,12 +53,13 @@ class ServedModel:
         path: the .onnx file written by export/to_onnx.py.
         name: the model's name in URLs.
         provider: "cpu" or "cuda" (no silent fallback: `export.predict.open_session`).
-        threads: ONNX Runtime's intra-op threads (inter-op: 1).
+        threads: ONNX Runtime's intra-op threads (inter-op: 1); they do not spin-wait (`open_session`), which
+            cut a replica's CPU per request by 14 % at the same throughput (BENCHMARKS.md, "Serving").
     """
 
     def __init__(self, path: str | Path, name: str, provider: str = "cpu", threads: int = 1) -> None:
         self.path, self.name = Path(path), name
-        self.session = open_session(self.path, provider, threads=threads)
+        self.session = open_session(self.path, provider, threads=threads, spin=False)
         self.meta = read_metadata(self.session)
         self.inputs = [_spec(n) for n in self.session.get_inputs()]
         self.outputs = [_spec(n) for n in self.session.get_outputs()]

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,17 +81,18 @@ class Service:
     log: Path
 
 
-@pytest.fixture(scope="module")
-def service(tiny: dict) -> Service:
+@contextlib.contextmanager
+def _running(tiny: dict, *extra: str, log_name: str = "serve.log") -> Iterator[Service]:
     """`dinoqpm-serve` on the tiny model, as a user starts it, with small limits so the refusals are cheap to
-    trigger. Stopped with SIGTERM at the end, which must shut Ray down and exit 0."""
+    trigger, and `extra` arguments. Stopped with SIGTERM on leaving, which must shut Ray down and exit 0 and close
+    the port."""
     port = free_port()
-    log = tiny["tmp"] / "serve.log"
+    log = tiny["tmp"] / log_name
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with log.open("w") as out:
         proc = subprocess.Popen([*SERVE_COMMAND, "--model", str(tiny["model"]), "--port", str(port),
                                  "--max-batch-size", "4", "--batch-wait-ms", "20", "--max-body-mb", str(MAX_BODY_MB),
-                                 "--max-image-pixels", str(MAX_PIXELS)],
+                                 "--max-image-pixels", str(MAX_PIXELS), *extra],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=tiny["tmp"], env=env)
     url = f"http://127.0.0.1:{port}"
     guard = time.monotonic() + START_GUARD_S
@@ -114,8 +116,15 @@ def service(tiny: dict) -> Service:
             raise
     assert code == 0, log.read_text()[-3000:]
     assert "stopping" in log.read_text()
-    with pytest.raises(requests.ConnectionError):  # Ray Serve's proxy went down with its Ray instance
+    with pytest.raises(requests.ConnectionError):  # the ingress went down with its Ray instance
         requests.get(f"{url}/v2/health/live", timeout=10)
+
+
+@pytest.fixture(scope="module")
+def service(tiny: dict) -> Iterator[Service]:
+    """The service with its default ingress (Ray Serve's proxy) and one replica."""
+    with _running(tiny) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -379,3 +388,39 @@ def test_triton_repository_parses_with_tritons_model_config(tiny: dict) -> None:
     # The check can fail: Triton's proto refuses a misspelt field.
     with pytest.raises(text_format.ParseError):
         text_format.Parse(text.replace("max_batch_size", "max_batch_sise"), model_config_pb2.ModelConfig())
+
+
+# ------------------------------------------------------------------------------------------------ HAProxy ingress
+
+
+def test_haproxy_ingress_with_two_replicas_gives_the_same_answers(tiny: dict, reference: ort.InferenceSession,
+                                                                  service: Service) -> None:
+    """`--ingress haproxy` (Ray Serve's HAProxy in front, replicas answering HTTP themselves): the same protocol,
+    answers and refusals as the proxy, the main port still bound to --host alone, and a clean stop."""
+    import psutil
+
+    with _running(tiny, "--ingress", "haproxy", "--replicas", "2", log_name="serve_haproxy.log") as fast:
+        guard = time.monotonic() + START_GUARD_S  # replicas answer before the command prints its lines
+        while "ready:" not in (log := fast.log.read_text()) and time.monotonic() < guard:
+            time.sleep(0.5)
+        assert "ingress: HAProxy" in log and "listen on every interface" in log, log[-3000:]
+        port = int(fast.host.rsplit(":", 1)[1])
+        listeners = {c.laddr.ip for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert listeners == {"127.0.0.1"}, listeners
+        client = th.InferenceServerClient(fast.host)
+        assert client.is_server_ready() and client.is_model_ready("tiny")
+        assert client.get_model_metadata("tiny") == th.InferenceServerClient(service.host).get_model_metadata("tiny")
+        x = _inputs(5, seed=7, session=reference)
+        want = _expected(reference, x)
+        for binary in (True, False):
+            got = _infer(client, x, binary=binary)
+            for name, value in want.items():
+                assert float(np.abs(got.as_numpy(name) - value).max()) <= 1e-5, (binary, name)
+        for case in ("wrong shape", "body over the size limit", "non-image upload"):
+            make, status, words = BAD[case]
+            path, body, headers = make(x[:1])
+            url = fast.url + {"infer": "/v2/models/tiny/infer", "explain": "/explain/tiny"}[path]
+            reply = requests.post(url, data=body, headers=headers, timeout=120)
+            assert reply.status_code == status and words in reply.json()["error"], (case, reply.text)
+            assert float(np.abs(_infer(client, x, binary=True).as_numpy("logits") - want["logits"]).max()) <= 1e-5

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,42 @@ def test_cli_usage_errors_come_before_ray_starts(tmp_path: Path) -> None:
                           (["--replicas", "0"], "must be >= 1")]:
         with pytest.raises(ValueError, match=expected):
             options(*bad)
+
+
+def test_haproxy_ingress_gets_its_own_ports_and_files_and_the_proxy_none(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Serve's HAProxy defaults (stats 8404, metrics 9101, files in /tmp/haproxy-serve) would collide between two
+    services on one machine: each gets free ports and its own folder; a value the user exported wins."""
+    from serve.cli import _ingress_env
+
+    assert _ingress_env("proxy", tmp_path) == {}
+    for key in [k for k in os.environ if k.startswith("RAY_SERVE_")]:
+        monkeypatch.delenv(key)
+    one, two = _ingress_env("haproxy", tmp_path / "a"), _ingress_env("haproxy", tmp_path / "b")
+    assert one["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    ports = {one["RAY_SERVE_HAPROXY_STATS_PORT"], one["RAY_SERVE_HAPROXY_METRICS_PORT"]}
+    assert len(ports) == 2 and not ports & {"8404", "9101"}
+    files = [k for k in one if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+    assert len(files) == 4 and all(Path(one[k]).is_relative_to(tmp_path / "a") for k in files)
+    assert not {one[k] for k in files} & {two[k] for k in files}
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    assert _ingress_env("haproxy", tmp_path)["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+def test_a_served_session_does_not_spin_and_predicts_does(tmp_path: Path) -> None:
+    """The replica's ONNX Runtime threads must not spin-wait (they would take the cores its request handling
+    needs); the batch command keeps ONNX Runtime's default."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.predict import open_session
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    key = "session.intra_op.allow_spinning"
+    assert open_session(path, "cpu", threads=2, spin=False).get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(Exception, match="not found|does not exist|config"):  # default: the entry is unset (spin)
+        open_session(path, "cpu", threads=2).get_session_options().get_session_config_entry(key)
