@@ -55,7 +55,7 @@ from toolkit.files import write_json
 from toolkit.metrics import MODELS, REPORTED, SID_K, accuracy, compute_all, feature_part, per_class_accuracy
 from toolkit.model import DinoQPM, LinearProbe, load_checkpoint
 from toolkit.runs import Run, load_run
-from toolkit.train import evaluate, store_maps
+from toolkit.train import evaluate, reads_patches, store_maps
 
 BATCH = 256
 FROM_RUN = "run"  # `max_map_images` default: the run's own `evaluate.map_images`
@@ -69,7 +69,8 @@ def model_outputs(model: torch.nn.Module, store: TokenStore, *,
     selected ones, before the head's (f − μ)/σ, as the reference). Maps of the probe are the raw patch tokens.
     """
     dev = next(model.parameters()).device
-    out = evaluate(model, store.dataset(), batch_size=BATCH, device=dev, head_inputs=isinstance(model, LinearProbe))
+    out = evaluate(model, store.dataset(patch=reads_patches(model)), batch_size=BATCH, device=dev,
+                   head_inputs=isinstance(model, LinearProbe))
     maps = store_maps(model, store, keep, batch_size=BATCH) if keep is not None and len(keep) else None
     assert out.features is not None
     return out.logits, out.features, maps

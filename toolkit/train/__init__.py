@@ -15,6 +15,7 @@ from toolkit.train.loop import (
     fit,
     make_loader,
     micro_batch_size,
+    reads_patches,
     store_maps,
     train_epoch,
 )
@@ -33,5 +34,5 @@ from toolkit.train.trainer import (
 
 __all__ = ["DivergedError", "Engine", "EngineFactory", "Outputs", "Split", "TorchEngine", "TrainContext",
            "drop_work_dir", "evaluate", "fit", "make_engine_factory", "make_loader", "make_optimizer", "make_scheduler",
-           "micro_batch_size", "scores", "split_keys", "split_outputs", "store_maps", "train_epoch", "train_model",
-           "work_dir"]
+           "micro_batch_size", "reads_patches", "scores", "split_keys", "split_outputs", "store_maps", "train_epoch",
+           "train_model", "work_dir"]

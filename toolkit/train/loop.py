@@ -106,11 +106,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def reads_patches(model: nn.Module) -> bool:
+    """Whether `model` needs the patch tokens (a DinoQPM) or the CLS tokens alone (a LinearProbe): what to ask of
+    a split's `dataset(patch=...)`."""
+    return not isinstance(unwrap(model), LinearProbe)
+
+
 def batch_tokens(batch: dict[str, torch.Tensor], backbone: nn.Module | None,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(patch (B, P, D), cls (B, D)) from a cached batch, or from the backbone in live mode."""
-    if "patch" in batch:
-        return batch["patch"].to(device, non_blocking=True), batch["cls"].to(device, non_blocking=True)
+                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(patch (B, P, D), cls (B, D)) from a cached batch, or from the backbone in live mode; patch is None for a
+    cached batch read without patch tokens (`TokenDataset(patch=False)`)."""
+    if "cls" in batch:
+        patch = batch.get("patch")
+        return (None if patch is None else patch.to(device, non_blocking=True),
+                batch["cls"].to(device, non_blocking=True))
     if backbone is None:
         raise ValueError("live-mode batch (images) but no backbone was given to the loop")
     with torch.no_grad():
@@ -118,7 +127,7 @@ def batch_tokens(batch: dict[str, torch.Tensor], backbone: nn.Module | None,
     return patch.float(), cls.float()
 
 
-def forward_loss(model: nn.Module, patch: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor,
+def forward_loss(model: nn.Module, patch: torch.Tensor | None, cls: torch.Tensor, labels: torch.Tensor,
                  cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """Loss, its logged parts and the logits of one batch, for a DinoQPM or a LinearProbe."""
     core = unwrap(model)
@@ -127,6 +136,7 @@ def forward_loss(model: nn.Module, patch: torch.Tensor, cls: torch.Tensor, label
         loss = cross_entropy(logits, labels)
         return loss, {"ce": float(loss.detach())}, logits
     assert isinstance(core, DinoQPM)
+    assert patch is not None, "a DinoQPM reads patch tokens: open the split with dataset(patch=True)"
     logits, features, maps = model(join_tokens(patch, cls))
     loss, parts = total_loss(logits=logits, labels=labels, maps=maps, features=features,
                              head_weight=core.head_weight(), diversity_weight=cfg.diversity_weight,
@@ -270,6 +280,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
         if isinstance(core, LinearProbe):
             logits, feats = core(cls), (cls if head_inputs else None)
         else:
+            assert patch is not None, "a DinoQPM reads patch tokens: open the split with dataset(patch=True)"
             logits, feats, _ = core(join_tokens(patch, cls))
             if head_inputs and isinstance(core.head, SparseHead):
                 feats = core.head.standardise(feats)

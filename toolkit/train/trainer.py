@@ -32,7 +32,15 @@ from toolkit.distributed import (
 from toolkit.files import atomic_write_bytes
 from toolkit.train import preempt
 from toolkit.train.engine import Engine, TorchEngine
-from toolkit.train.loop import DivergedError, Outputs, evaluate, fit, micro_batch_size, optimizer_steps_per_epoch
+from toolkit.train.loop import (
+    DivergedError,
+    Outputs,
+    evaluate,
+    fit,
+    micro_batch_size,
+    optimizer_steps_per_epoch,
+    reads_patches,
+)
 
 EngineFactory = Callable[[nn.Module, TrainConfig, int, str], Engine]  # (module, cfg, total_steps, stage) -> Engine
 
@@ -43,7 +51,7 @@ class Split(Protocol):
 
     key: str
 
-    def dataset(self) -> Dataset: ...
+    def dataset(self, *, patch: bool = True) -> Dataset: ...
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
     bf16 copy a bf16 engine computed with), identical on every rank.
     """
     micro = micro_batch_size(cfg, grad_accum=ctx.grad_accum, key=name)
-    dataset: Dataset = train.dataset()
+    dataset: Dataset = train.dataset(patch=reads_patches(model))
     total = optimizer_steps_per_epoch(len(dataset), micro_batch=micro, grad_accum=ctx.grad_accum) * cfg.epochs
     synced = convert_sync_batchnorm(model)
     engine = ctx.make_engine(model, cfg, max(1, total), name)
@@ -159,7 +167,8 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
                       console=ctx.console, name=name, grad_accum=ctx.grad_accum, resume=resume,
                       checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
                       every=ctx.checkpoint_every, on_epoch=ctx.on_epoch, loader_options=ctx.loader_options,
-                      val=val.dataset() if val is not None else None, stop=stop if preempt.installed() else None)
+                      val=val.dataset(patch=reads_patches(model)) if val is not None else None,
+                      stop=stop if preempt.installed() else None)
         master = engine.master_state_dict()
     except DivergedError as e:
         raise DivergedError(diverged_message(name, str(e), saved[0], resume_dir)) from None
@@ -173,8 +182,8 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
 
 def split_outputs(model: nn.Module, store: Split, ctx: TrainContext) -> Outputs:
     """Logits and pooled features of `model` on a cached split."""
-    return evaluate(model.to(ctx.device), store.dataset(), batch_size=ctx.eval_batch_size, device=ctx.device,
-                    backbone=ctx.backbone)
+    return evaluate(model.to(ctx.device), store.dataset(patch=reads_patches(model)), batch_size=ctx.eval_batch_size,
+                    device=ctx.device, backbone=ctx.backbone)
 
 
 def scores(model: nn.Module, val: Split | None, test: Split, ctx: TrainContext) -> dict[str, float | None]:
