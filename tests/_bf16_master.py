@@ -32,9 +32,10 @@ class _Split:
         self.patch = torch.randn(n, 4, 16, generator=g) + self.labels[:, None, None].float()
         self.cls = torch.randn(n, 16, generator=g)
 
-    def dataset(self) -> list[dict[str, torch.Tensor]]:
-        return [{"patch": self.patch[i], "cls": self.cls[i], "label": self.labels[i], "index": torch.tensor(i)}
+    def dataset(self, *, patch: bool = True) -> list[dict[str, torch.Tensor]]:
+        rows = [{"patch": self.patch[i], "cls": self.cls[i], "label": self.labels[i], "index": torch.tensor(i)}
                 for i in range(len(self.labels))]
+        return rows if patch else [{k: v for k, v in row.items() if k != "patch"} for row in rows]
 
 
 def main() -> int:
