@@ -127,6 +127,12 @@ def batch_tokens(batch: dict[str, torch.Tensor], backbone: nn.Module | None,
     return patch.float(), cls.float()
 
 
+def _patches(patch: torch.Tensor | None) -> torch.Tensor:
+    """The patch tokens a DinoQPM reads; None means its split was opened without them (a caller's mistake)."""
+    assert patch is not None, "a DinoQPM reads patch tokens: open the split with dataset(patch=True)"
+    return patch
+
+
 def forward_loss(model: nn.Module, patch: torch.Tensor | None, cls: torch.Tensor, labels: torch.Tensor,
                  cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """Loss, its logged parts and the logits of one batch, for a DinoQPM or a LinearProbe."""
@@ -136,8 +142,7 @@ def forward_loss(model: nn.Module, patch: torch.Tensor | None, cls: torch.Tensor
         loss = cross_entropy(logits, labels)
         return loss, {"ce": float(loss.detach())}, logits
     assert isinstance(core, DinoQPM)
-    assert patch is not None, "a DinoQPM reads patch tokens: open the split with dataset(patch=True)"
-    logits, features, maps = model(join_tokens(patch, cls))
+    logits, features, maps = model(join_tokens(_patches(patch), cls))
     loss, parts = total_loss(logits=logits, labels=labels, maps=maps, features=features,
                              head_weight=core.head_weight(), diversity_weight=cfg.diversity_weight,
                              l1_maps_weight=cfg.l1_maps, l1_vector_weight=cfg.l1_vector)
@@ -280,8 +285,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int, device: tor
         if isinstance(core, LinearProbe):
             logits, feats = core(cls), (cls if head_inputs else None)
         else:
-            assert patch is not None, "a DinoQPM reads patch tokens: open the split with dataset(patch=True)"
-            logits, feats, _ = core(join_tokens(patch, cls))
+            logits, feats, _ = core(join_tokens(_patches(patch), cls))
             if head_inputs and isinstance(core.head, SparseHead):
                 feats = core.head.standardise(feats)
         idx_parts.append(batch["index"].numpy())

@@ -108,7 +108,8 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
     bf16 copy a bf16 engine computed with), identical on every rank.
     """
     micro = micro_batch_size(cfg, grad_accum=ctx.grad_accum, key=name)
-    dataset: Dataset = train.dataset(patch=reads_patches(model))
+    patch = reads_patches(model)  # a probe's batches leave the patch tokens out
+    dataset: Dataset = train.dataset(patch=patch)
     total = optimizer_steps_per_epoch(len(dataset), micro_batch=micro, grad_accum=ctx.grad_accum) * cfg.epochs
     synced = convert_sync_batchnorm(model)
     engine = ctx.make_engine(model, cfg, max(1, total), name)
@@ -167,7 +168,7 @@ def train_model(model: nn.Module, train: Split, cfg: TrainConfig, ctx: TrainCont
                       console=ctx.console, name=name, grad_accum=ctx.grad_accum, resume=resume,
                       checkpoint=checkpoint if ctx.resume or ctx.checkpoint_every else None,
                       every=ctx.checkpoint_every, on_epoch=ctx.on_epoch, loader_options=ctx.loader_options,
-                      val=val.dataset(patch=reads_patches(model)) if val is not None else None,
+                      val=val.dataset(patch=patch) if val is not None else None,
                       stop=stop if preempt.installed() else None)
         master = engine.master_state_dict()
     except DivergedError as e:
