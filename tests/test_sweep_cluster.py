@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._net import free_ports
 from toolkit.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,17 +34,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", **extra)
     return env
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _wait_for(condition, what: str, procs: list[subprocess.Popen], log: Path | None = None) -> None:
@@ -84,7 +73,7 @@ def ray_cluster() -> Iterator[str]:
     temp = Path(tempfile.mkdtemp(prefix="rc-"))
     env = _env(DINOQPM_TEST_CLUSTER=str(temp))
     ray = str(Path(sys.executable).parent / "ray")
-    gcs, client, *ports = _free_ports(14)
+    gcs, client, *ports = free_ports(14)
     address = f"127.0.0.1:{gcs}"
 
     def node_ports() -> list[str]:
